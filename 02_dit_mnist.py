@@ -16,9 +16,11 @@ Run it
     python 02_dit_mnist.py --help               # every flag, generated from Config
 
 What to expect
-    About 12 minutes on a 2-core laptop CPU (about a minute on a GPU).
-    out/02_dit_mnist/ then holds samples.png (64 random digits, sharper than step 1's),
-    trajectory.png (noise turning into digits as t goes from 1 to 0), log.csv and ckpt.pt.
+    About 12 minutes on a 2-core laptop CPU (about 400 images/s; a GPU is much faster).
+    out/02_dit_mnist/ then holds samples.png (64 random digits), trajectory.png (noise
+    turning into digits as t goes from 1 to 0), log.csv and ckpt.pt. At this small budget
+    the U-Net of step 1 still draws cleaner digits: convolutions know from the start that
+    neighbouring pixels belong together, a transformer has to learn it. DiTs win at scale.
 """
 
 import argparse
@@ -58,8 +60,8 @@ class Config:
     num_heads: int = 4  # attention heads (embed_dim must divide by it)
     mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
     # training
-    steps: int = 2200  # optimizer steps
-    batch_size: int = 128  # images per step
+    steps: int = 4400  # optimizer steps
+    batch_size: int = 64  # images per step
     lr: float = 1e-3  # peak learning rate
     warmup_steps: int = 100  # linear warmup from 0 to lr, then cosine decay to lr/10
     weight_decay: float = 0.0  # AdamW weight decay
@@ -276,8 +278,8 @@ class DiT(nn.Module):
     """Diffusion Transformer (Peebles & Xie 2023): patchify -> embed + position -> DiT blocks
     conditioned on the time embedding -> final layer -> unpatchify."""
 
-    def __init__(self, img_size=28, patch_size=4, in_channels=1, embed_dim=192, depth=6,
-                 num_heads=6, mlp_ratio=4.0):
+    def __init__(self, img_size=28, patch_size=4, in_channels=1, embed_dim=128, depth=6,
+                 num_heads=4, mlp_ratio=4.0):
         super().__init__()
         self.img_size, self.patch_size, self.in_channels = img_size, patch_size, in_channels
         self.patch_embed = nn.Linear(patch_size * patch_size * in_channels, embed_dim)

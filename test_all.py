@@ -16,7 +16,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-MNIST_SCRIPTS = ["01_flow_mnist", "02_dit_mnist"]
+MNIST_SCRIPTS = ["01_flow_mnist", "02_dit_mnist", "03_class_cfg"]
+UNCONDITIONAL = ["01_flow_mnist", "02_dit_mnist"]
 
 
 def load(name):
@@ -74,7 +75,7 @@ def test_euler_moves_against_the_velocity(name):
     assert torch.allclose(m.euler_sample(lambda x, t: c, noise, 7)[-1], noise - c, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
+@pytest.mark.parametrize("name", UNCONDITIONAL)
 @pytest.mark.parametrize("time_sampling", ["uniform", "logit_normal"])
 def test_loss_targets_the_velocity_x1_minus_x0(name, time_sampling):
     """With every data point equal to x0, the exact velocity (x_t - x0)/t scores zero loss
@@ -102,10 +103,105 @@ def test_model_predicts_an_image_shaped_velocity_starting_at_zero(name):
     m = load(name)
     model = m.build_model(m.Config())
     x, t = torch.randn(3, 1, 28, 28), torch.rand(3)
-    out = model(x, t)
+    out = model(x, t, torch.tensor([0, 9, 10])) if name == "03_class_cfg" else model(x, t)
     assert out.shape == x.shape
     assert torch.count_nonzero(out) == 0  # zero-initialised output layer: v = 0 at the start
     sum(p.sum() for p in model.parameters()).add(out.sum()).backward()  # gradients flow
+
+
+def tiny_conditional_dit(m):
+    """A small ConditionalDiT with random (not zero) output layers, so its outputs differ."""
+    torch.manual_seed(0)
+    model = m.ConditionalDiT(num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    for p in model.parameters():
+        if torch.count_nonzero(p) == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_cfg_scale_1_is_the_conditional_and_0_the_unconditional_prediction():
+    m = load("03_class_cfg")
+    model = tiny_conditional_dit(m)
+    x, t, y = torch.randn(4, 1, 28, 28), torch.rand(4), torch.tensor([7, 0, 3, 9])
+    v_cond, v_uncond = model(x, t, y), model(x, t, torch.full_like(y, 10))
+    assert not torch.allclose(v_cond, v_uncond)
+    assert torch.allclose(m.guided_velocity(model, x, t, y, 1.0), v_cond, atol=1e-5)
+    assert torch.allclose(m.guided_velocity(model, x, t, y, 0.0), v_uncond, atol=1e-5)
+    assert torch.allclose(m.guided_velocity(model, x, t, y, 3.0), v_uncond + 3 * (v_cond - v_uncond), atol=1e-4)
+    # one Euler step of the sampler from t=1 is x1 - v(x1, 1)
+    torch.manual_seed(1)
+    noise = torch.randn(4, 1, 28, 28)
+    torch.manual_seed(1)
+    one_step = m.sample_conditional(model, y, cfg_scale=1.0, num_steps=1)
+    assert torch.allclose(one_step, (noise - model(noise, torch.ones(4), y)).clamp(-1, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.5, 1.0])
+def test_label_dropout_replaces_labels_with_the_null_class_at_its_rate(rate):
+    m = load("03_class_cfg")
+
+    class LabelRecorder(torch.nn.Module):
+        num_classes = 10
+
+        def forward(self, x, t, y):
+            self.seen = y
+            return torch.zeros_like(x)
+
+    model = LabelRecorder()
+    m.get_conditional_loss(model, torch.zeros(20000, 1, 2, 2), torch.full((20000,), 3), rate)
+    assert set(model.seen.unique().tolist()) <= {3, 10}
+    assert (model.seen == 10).float().mean().item() == pytest.approx(rate, abs=0.01)
+
+
+def test_conditional_loss_targets_the_velocity_x1_minus_x0():
+    m = load("03_class_cfg")
+    x0 = torch.rand(1, 1, 28, 28).expand(64, 1, 28, 28) * 2 - 1
+
+    class Exact(torch.nn.Module):
+        num_classes = 10
+
+        def __init__(self, sign):
+            super().__init__()
+            self.sign = sign
+
+        def forward(self, x, t, y):
+            return self.sign * (x - x0) / t[:, None, None, None]
+
+    assert m.get_conditional_loss(Exact(1), x0, torch.zeros(64, dtype=torch.long)).item() < 1e-6
+    assert m.get_conditional_loss(Exact(-1), x0, torch.zeros(64, dtype=torch.long)).item() > 1.0
+
+
+def test_class_embedding_has_a_null_row_and_labels_reach_the_output():
+    m = load("03_class_cfg")
+    embed = m.ClassEmbedding(10, 16)
+    assert embed.embedding.num_embeddings == 11 and embed.null_class == 10
+    model = tiny_conditional_dit(m)
+    x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
+    assert not torch.allclose(model(x, t, torch.tensor([1, 1])), model(x, t, torch.tensor([2, 2])))
+
+
+def test_seed_usage_example_runs_as_written():
+    m = importlib.import_module("03_class_cfg")
+    model = m.ConditionalDiT(num_classes=10)
+    samples = m.sample_conditional(
+        model,
+        class_labels=[7, 7, 7, 7],  # Generate four 7s
+        cfg_scale=4.0
+    )
+    assert samples.shape == (4, 1, 28, 28) and samples.abs().max() <= 1
+    grid = m.sample_each_class(model, num_per_class=2, num_steps=2)
+    assert grid.shape == (20, 1, 28, 28)
+
+
+def test_bad_class_labels_and_scales_are_refused():
+    m = load("03_class_cfg")
+    model = m.ConditionalDiT(num_classes=10, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match=r"0\.\.9"):
+        m.sample_conditional(model, [3, 10])
+    with pytest.raises(ValueError, match=r"0\.\.9"):
+        m.sample_conditional(model, [-1])
+    with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
+        m.sample_conditional(model, [3], cfg_scale=-1.0)
 
 
 def test_patchify_then_unpatchify_is_the_identity():
@@ -183,6 +279,13 @@ def test_bad_flags_fail_with_one_clear_line(name, flags, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flags", [["--cfg_scale", "-1"], ["--label_dropout", "1.5"]])
+def test_bad_guidance_flags_fail_with_one_clear_line(flags, tmp_path):
+    result = run_cli(str(ROOT / "03_class_cfg.py"), *flags, "--out_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and f"invalid value for {flags[0]}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("name", MNIST_SCRIPTS)
 def test_import_only_defines_things(name, tmp_path):
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import importlib; importlib.import_module({name!r})"
@@ -195,14 +298,19 @@ def test_import_only_defines_things(name, tmp_path):
 
 @pytest.mark.parametrize("name", MNIST_SCRIPTS)
 def test_tiny_run_writes_every_output(name, mnist_dir, tmp_path):
-    run(name, tmp_path, mnist_dir, "--eval_samples", "5")
+    run(name, tmp_path, mnist_dir, "--eval_samples", "20")
     for file in ("samples.png", "trajectory.png", "log.csv", "ckpt.pt", "samples.npz"):
         assert (tmp_path / file).exists(), file
     log = (tmp_path / "log.csv").read_text().splitlines()
     assert log[0] == "step,loss,lr,images_per_s" and log[-1].startswith(f"{load(name).TINY['steps']},")
     npz = np.load(tmp_path / "samples.npz")
-    assert npz["images"].shape == (5, 28, 28, 1) and npz["images"].dtype == np.uint8
-    assert npz["labels"].dtype == np.int64 and (npz["labels"] == -1).all()
+    assert npz["images"].shape == (20, 28, 28, 1) and npz["images"].dtype == np.uint8
+    assert npz["labels"].dtype == np.int64
+    if name == "03_class_cfg":  # two of every digit, and the guidance sweep
+        assert (np.bincount(npz["labels"]) == 2).all() and len(np.bincount(npz["labels"])) == 10
+        assert (tmp_path / "cfg_sweep.png").exists()
+    else:
+        assert (npz["labels"] == -1).all()
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["script"] == name and ckpt["step"] == load(name).TINY["steps"]
     assert {"model", "ema", "optimizer", "config"} <= set(ckpt)
@@ -232,10 +340,11 @@ def test_resume_and_sample_only(name, mnist_dir, tmp_path):
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
-def test_checkpoint_of_the_other_script_is_refused(mnist_dir, tmp_path):
-    run("01_flow_mnist", tmp_path, mnist_dir, "--steps", "2")
-    with pytest.raises(SystemExit, match="written by 01_flow_mnist, not 02_dit_mnist"):
-        load("02_dit_mnist").main(["--out_dir", str(tmp_path), "--sample_only"])
+@pytest.mark.parametrize("writer, reader", [("01_flow_mnist", "02_dit_mnist"), ("02_dit_mnist", "03_class_cfg")])
+def test_checkpoint_of_another_script_is_refused(writer, reader, mnist_dir, tmp_path):
+    run(writer, tmp_path, mnist_dir, "--steps", "2")
+    with pytest.raises(SystemExit, match=f"written by {writer}, not {reader}"):
+        load(reader).main(["--out_dir", str(tmp_path), "--sample_only"])
 
 
 @pytest.mark.parametrize("name", MNIST_SCRIPTS)
@@ -244,7 +353,7 @@ def test_corrupt_missing_or_mismatched_checkpoint_is_refused(name, mnist_dir, tm
     with pytest.raises(SystemExit, match="no checkpoint"):
         m.main(["--out_dir", str(tmp_path), "--sample_only"])
     run(name, tmp_path, mnist_dir, "--steps", "2")
-    wider = {"01_flow_mnist": ["--base_channels", "16"], "02_dit_mnist": ["--embed_dim", "64"]}[name]
+    wider = {"01_flow_mnist": ["--base_channels", "16"]}.get(name, ["--embed_dim", "64"])
     with pytest.raises(SystemExit, match="model of another shape") as error:
         m.main(["--out_dir", str(tmp_path), "--sample_only", *wider])
     assert wider[0] in str(error.value.code)
@@ -273,7 +382,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(name, mnist_dir, tm
     m = load(name)
     run(name, tmp_path, mnist_dir, "--steps", "2")
     good = (tmp_path / "ckpt.pt").read_bytes()
-    monkeypatch.setattr(m, "get_loss", lambda *args: torch.tensor(float("nan"), requires_grad=True))
+    loss_name = "get_conditional_loss" if name == "03_class_cfg" else "get_loss"
+    monkeypatch.setattr(m, loss_name, lambda *args: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit, match="loss became nan at step 2"):
         run(name, tmp_path, mnist_dir, "--steps", "4", "--resume")
     assert (tmp_path / "ckpt.pt").read_bytes() == good
