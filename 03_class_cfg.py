@@ -94,6 +94,7 @@ def parse_config(argv=None):
     """Build Config from the command line: one flag per field, so the CLI cannot drift."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
+    parser.error = lambda message: parser.exit(2, f"error: {message} (--help lists every flag)\n")
     for f in dataclasses.fields(Config):
         if f.type is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
@@ -103,18 +104,18 @@ def parse_config(argv=None):
                                 help=f"default: {f.default}")
     given = vars(parser.parse_args(argv))  # only the flags actually typed
     cfg = Config(**{**(TINY if given.get("tiny") else {}), **given})
-    problems = [name for name in ("steps", "batch_size", "sample_steps", "num_samples")
+    problems = [f"--{name} must be at least 1" for name in ("steps", "batch_size", "sample_steps", "num_samples")
                 if getattr(cfg, name) < 1]
-    problems += [name for name in ("lr", "eval_samples", "warmup_steps", "log_every", "cfg_scale")
-                 if getattr(cfg, name) < 0]
+    problems += [f"--{name} must not be negative" for name in ("lr", "eval_samples", "warmup_steps", "log_every",
+                                                                "cfg_scale") if getattr(cfg, name) < 0]
     if not 0 <= cfg.label_dropout <= 1:
-        problems.append("label_dropout (must be in [0, 1])")
+        problems.append("--label_dropout must be in [0, 1]")
     if not 0 <= cfg.ema_decay < 1:
-        problems.append("ema_decay (must be in [0, 1))")
+        problems.append("--ema_decay must be in [0, 1)")
     if cfg.time_sampling not in ("logit_normal", "uniform"):
-        problems.append("time_sampling (logit_normal or uniform)")
+        problems.append("--time_sampling must be logit_normal or uniform")
     if problems:
-        parser.error("invalid value for --" + ", --".join(problems))
+        parser.error("; ".join(problems))
     return cfg, given
 
 
@@ -594,9 +595,10 @@ def main(argv=None):
             ema_model.load_state_dict(ckpt["ema"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError):
-            flags = " ".join(f"--{k} {v}" for k, v in ckpt["config"].items() if k in given and given[k] != v)
-            raise SystemExit(f"error: {out_dir / 'ckpt.pt'} holds a model of another shape (it was "
-                             f"trained with {flags or 'other settings'}): drop those flags or use another --out_dir")
+            flags = " ".join(f"--{k} {v}" for k, v in ckpt["config"].items()
+                             if k in given and given[k] != v)
+            raise SystemExit(f"error: {out_dir / 'ckpt.pt'} holds a model of another shape (it was trained "
+                             f"with {flags or 'other settings'}): drop those flags or use another --out_dir")
         step = ckpt["step"]
     if not cfg.sample_only:
         images, labels = load_mnist(cfg.data_dir, device)
