@@ -62,7 +62,7 @@ class Config:
     # training
     steps: int = 4400  # optimizer steps
     batch_size: int = 64  # images per step
-    lr: float = 1e-3  # peak learning rate
+    lr: float = 2e-3  # peak learning rate
     warmup_steps: int = 100  # linear warmup from 0 to lr, then cosine decay to lr/10
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the gradient norm to this
@@ -102,10 +102,10 @@ def parse_config(argv=None):
                                 help=f"default: {f.default}")
     given = vars(parser.parse_args(argv))  # only the flags actually typed
     cfg = Config(**{**(TINY if given.get("tiny") else {}), **given})
-    problems = [f"--{name} must be at least 1" for name in ("steps", "batch_size", "sample_steps", "num_samples")
-                if getattr(cfg, name) < 1]
-    problems += [f"--{name} must not be negative" for name in ("lr", "eval_samples", "warmup_steps", "log_every")
-                 if getattr(cfg, name) < 0]
+    at_least_1 = ("steps", "batch_size", "sample_steps", "num_samples", "ckpt_every")
+    problems = [f"--{name} must be at least 1" for name in at_least_1 if getattr(cfg, name) < 1]
+    not_negative = ("lr", "weight_decay", "grad_clip", "eval_samples", "warmup_steps", "log_every")
+    problems += [f"--{name} must not be negative" for name in not_negative if getattr(cfg, name) < 0]
     if not 0 <= cfg.ema_decay < 1:
         problems.append("--ema_decay must be in [0, 1)")
     if cfg.time_sampling not in ("logit_normal", "uniform"):

@@ -104,10 +104,10 @@ def parse_config(argv=None):
                                 help=f"default: {f.default}")
     given = vars(parser.parse_args(argv))  # only the flags actually typed
     cfg = Config(**{**(TINY if given.get("tiny") else {}), **given})
-    problems = [f"--{name} must be at least 1" for name in ("steps", "batch_size", "sample_steps", "num_samples")
-                if getattr(cfg, name) < 1]
-    problems += [f"--{name} must not be negative" for name in ("lr", "eval_samples", "warmup_steps", "log_every",
-                                                                "cfg_scale") if getattr(cfg, name) < 0]
+    at_least_1 = ("steps", "batch_size", "sample_steps", "num_samples", "ckpt_every")
+    problems = [f"--{name} must be at least 1" for name in at_least_1 if getattr(cfg, name) < 1]
+    not_negative = ("lr", "weight_decay", "grad_clip", "eval_samples", "warmup_steps", "log_every", "cfg_scale")
+    problems += [f"--{name} must not be negative" for name in not_negative if getattr(cfg, name) < 0]
     if not 0 <= cfg.label_dropout <= 1:
         problems.append("--label_dropout must be in [0, 1]")
     if not 0 <= cfg.ema_decay < 1:

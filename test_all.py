@@ -269,6 +269,7 @@ def test_every_config_field_is_a_flag(name):
     (["--no_such_flag"], "unrecognized arguments"),
     (["--steps", "ten"], "invalid int value"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--ckpt_every", "0", "--grad_clip", "-1"], "--ckpt_every must be at least 1; --grad_clip must not be negative"),
     (["--time_sampling", "cubic"], "--time_sampling must be logit_normal or uniform"),
     (["--device", "tpu9"], "--device"),
 ])
