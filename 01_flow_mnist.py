@@ -428,7 +428,7 @@ def write_outputs(model, cfg, out_dir, device, step):
     save_grid(frames.flatten(0, 1), out_dir / "trajectory.png", ncol=len(keep),
               title="noise (t=1) -> data (t=0)", col_labels=[f"t={1 - i / cfg.sample_steps:.2f}" for i in keep])
 
-    if cfg.eval_samples:
+    if cfg.eval_samples:  # 500 images at a time, so memory stays small for any N
         chunks = [sample(model, min(500, cfg.eval_samples - n), cfg.sample_steps, device=device)
                   for n in range(0, cfg.eval_samples, 500)]
         np.savez_compressed(out_dir / "samples.npz", images=to_uint8(torch.cat(chunks)).numpy(),

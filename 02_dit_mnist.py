@@ -2,7 +2,8 @@
 
 What this step adds
     Only the network changes; the flow, the loss and the sampler are those of step 1:
-        x_t = (1 - t) * x0 + t * x1,   v = x1 - x0,   L = || v_theta(x_t, t) - v ||^2
+        path x_t = (1 - t) * x0 + t * x1 (1), velocity v = x1 - x0 (2),
+        loss || v_theta(x_t, t) - v ||^2 (3), Euler x_{t - dt} = x_t - dt * v_theta (4)
     The U-Net becomes a DiT (Peebles & Xie, 2023), the architecture of SD3 and Flux:
       1. patchify: the 28x28 image is cut into 4x4 patches -> 7x7 = 49 tokens of 16 pixels
       2. a linear patch embedding plus a fixed 2D sin-cos position embedding
@@ -496,7 +497,7 @@ def write_outputs(model, cfg, out_dir, device, step):
     save_grid(frames.flatten(0, 1), out_dir / "trajectory.png", ncol=len(keep),
               title="noise (t=1) -> data (t=0)", col_labels=[f"t={1 - i / cfg.sample_steps:.2f}" for i in keep])
 
-    if cfg.eval_samples:
+    if cfg.eval_samples:  # 500 images at a time, so memory stays small for any N
         chunks = [sample(model, min(500, cfg.eval_samples - n), cfg.sample_steps, device=device)
                   for n in range(0, cfg.eval_samples, 500)]
         np.savez_compressed(out_dir / "samples.npz", images=to_uint8(torch.cat(chunks)).numpy(),

@@ -1,7 +1,9 @@
 """Step 3: class-conditional flow matching with classifier-free guidance (CFG).
 
 What this step adds
-    The DiT of step 2 learns v_theta(x_t, t, y): "draw the digit y". The label's embedding
+    The flow of steps 1 and 2 is unchanged: path x_t = (1 - t) * x0 + t * x1 (1), velocity
+    v = x1 - x0 (2), loss || v_theta - v ||^2 (3), Euler x_{t - dt} = x_t - dt * v_theta (4).
+    The DiT of step 2 now learns v_theta(x_t, t, y): "draw the digit y". The label's embedding
     is added to the time embedding, so it steers every block through adaLN.
     Label dropout: in training each label is replaced by a null class with probability 0.1,
     so the same network also learns the unconditional velocity v_theta(x_t, t, null).
@@ -561,7 +563,7 @@ def write_outputs(model, cfg, out_dir, device, step):
     save_grid(frames.flatten(0, 1), out_dir / "trajectory.png", ncol=len(keep),
               title="noise (t=1) -> data (t=0)", col_labels=[f"t={1 - i / cfg.sample_steps:.2f}" for i in keep])
 
-    if cfg.eval_samples:
+    if cfg.eval_samples:  # 500 images at a time, so memory stays small for any N
         labels = torch.arange(cfg.eval_samples) % cfg.num_classes  # equal numbers of every digit
         chunks = [sample_conditional(model, labels[n:n + 500], cfg.cfg_scale, cfg.sample_steps, device=device)
                   for n in range(0, cfg.eval_samples, 500)]
