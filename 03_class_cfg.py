@@ -520,7 +520,7 @@ def save_grid(images, path, ncol, title="", col_labels=None, row_labels=None, sc
     n, h, w, c = pixels.shape
     nrow = math.ceil(n / ncol)
     header = 14 + (12 if col_labels else 0)
-    margin = 16 if row_labels else 0
+    margin = 6 * max(map(len, row_labels)) + 10 if row_labels else 0
     grid = np.full((nrow * (h + 2), ncol * (w + 2), c), 255, np.uint8)
     for i, img in enumerate(pixels):
         r, k = divmod(i, ncol)

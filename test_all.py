@@ -1,33 +1,39 @@
 """Tests for the series: `pytest test_all.py`.
 
-Offline and small: the tests write their own tiny MNIST in torchvision's raw format and run
-each script end to end in --tiny mode. They also check the math on the functions themselves.
+Offline and small: the tests write their own tiny MNIST in torchvision's raw format, a small
+folder of images and a tiny CLIP text model, and run each script end to end in --tiny mode.
+They also check the math on the functions themselves.
 """
 
 import importlib
+import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
+os.environ["HF_HUB_OFFLINE"] = "1"  # never download: a test that tried would fail, not hang
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from transformers import BertConfig, BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 MNIST_SCRIPTS = ["01_flow_mnist", "02_dit_mnist", "03_class_cfg"]
 UNCONDITIONAL = ["01_flow_mnist", "02_dit_mnist"]
+TEXT_SCRIPTS = ["04_text_clip_cifar"]
+SCRIPTS = MNIST_SCRIPTS + TEXT_SCRIPTS
 
 
 def load(name):
     return importlib.import_module(name)
 
 
-@pytest.fixture(scope="session")
-def mnist_dir(tmp_path_factory):
+def make_mnist(root):
     """A fake MNIST (random strokes) in torchvision's raw idx format: the real loader runs."""
-    root = tmp_path_factory.mktemp("data")
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -42,8 +48,61 @@ def mnist_dir(tmp_path_factory):
     return root
 
 
-def run(name, out_dir, data_dir, *flags):
-    load(name).main(["--tiny", "--data_dir", str(data_dir), "--out_dir", str(out_dir), *flags])
+def make_image_folder(root, classes=("cat", "ship", "airplane")):
+    """A few images per class in class sub-folders, in odd sizes that the loader must resize."""
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (30 + 4 * k, 36, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def make_tiny_clip(root):
+    """A tiny random CLIP text model and a letter-level CLIP tokenizer, saved with
+    save_pretrained as a real one would be: CLIPTextEncoder loads it from the folder."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in LETTERS:
+        vocab[letter], vocab[letter + "</w>"] = len(vocab), len(vocab) + 1
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1)
+    torch.manual_seed(0)
+    CLIPTextModel(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def make_tiny_bert(root):
+    """A tiny random BERT, to check that a non-CLIP encoder works through AutoModel."""
+    vocab_file = root / "vocab.txt"
+    root.mkdir()
+    vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LETTERS]))
+    BertTokenizer(str(vocab_file)).save_pretrained(root)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=31, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=48)).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {"mnist": make_mnist(root), "images": make_image_folder(root / "images"),
+            "clip": make_tiny_clip(root / "clip"), "bert": make_tiny_bert(root / "bert")}
+
+
+def run(name, out_dir, data, *flags):
+    if name in TEXT_SCRIPTS:
+        inputs = ["--data_dir", str(data["images"]), "--text_encoder", str(data["clip"])]
+    else:
+        inputs = ["--data_dir", str(data["mnist"])]
+    load(name).main(["--tiny", *inputs, "--out_dir", str(out_dir), *flags])
 
 
 def run_cli(*args, cwd=ROOT):
@@ -52,7 +111,7 @@ def run_cli(*args, cwd=ROOT):
 
 # ----------------------------------------------------------------------------- the math
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
+@pytest.mark.parametrize("name", SCRIPTS)
 @pytest.mark.parametrize("num_steps", [1, 3, 10])
 def test_euler_follows_a_straight_flow_exactly(name, num_steps):
     """For one data point x0 the true velocity is v = (x_t - x0) / t = x1 - x0, constant along
@@ -67,7 +126,7 @@ def test_euler_follows_a_straight_flow_exactly(name, num_steps):
     assert torch.allclose(states[1], (1 - t) * x0 + t * x1, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_euler_moves_against_the_velocity(name):
     """x <- x - dt * v from t=1 to 0: a constant velocity c moves the noise by -c in total."""
     m = load(name)
@@ -87,7 +146,7 @@ def test_loss_targets_the_velocity_x1_minus_x0(name, time_sampling):
     assert m.get_loss(lambda x, t: -exact(x, t), x0, time_sampling).item() > 1.0
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_time_sampling(name):
     m = load(name)
     for mode in ("uniform", "logit_normal"):
@@ -231,7 +290,7 @@ def test_adaln_zero_blocks_start_as_the_identity():
     assert torch.equal(block(x, c), x)
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_lr_warms_up_then_decays_to_a_tenth(name):
     m = load(name)
     cfg = m.Config(lr=1.0, warmup_steps=10, steps=100)
@@ -241,7 +300,7 @@ def test_lr_warms_up_then_decays_to_a_tenth(name):
     assert m.lr_at(100, cfg) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_ema_averages_the_weights(name):
     m = load(name)
     model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
@@ -253,9 +312,205 @@ def test_ema_averages_the_weights(name):
     assert torch.allclose(ema.weight, torch.full((2, 2), 0.95))
 
 
+# ----------------------------------------------------------------------------- text conditioning (04)
+
+TEXT = "04_text_clip_cifar"
+
+
+def tiny_text_dit(m, context_dim=32):
+    """A small TextConditionalDiT with random (not zero) output layers, so its outputs differ."""
+    torch.manual_seed(0)
+    model = m.TextConditionalDiT(embed_dim=32, depth=2, num_heads=2, context_dim=context_dim)
+    for p in model.parameters():
+        if torch.count_nonzero(p) == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_cross_attention_is_softmax_qk_v_and_ignores_masked_tokens():
+    m = load(TEXT)
+    torch.manual_seed(0)
+    attn = m.CrossAttention(embed_dim=32, context_dim=24, num_heads=4)
+    assert (attn.num_heads, attn.head_dim, attn.scale) == (4, 8, 8 ** -0.5)
+    x, context = torch.randn(2, 16, 32), torch.randn(2, 5, 24)
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, False]])
+    out = attn(x, context, mask)
+    assert out.shape == (2, 16, 32)
+    # forward (fused attention) equals eq. (6) written out with the weights
+    weights = attn.attention_weights(x, context, mask)
+    assert weights.shape == (2, 4, 16, 5) and torch.allclose(weights.sum(-1), torch.ones(2, 4, 16))
+    assert (weights[0, ..., 3:] == 0).all() and (weights[1, ..., 4] == 0).all()
+    v = m.split_heads(attn.v_proj(context), 4)
+    assert torch.allclose(out, attn.out_proj((weights @ v).transpose(1, 2).flatten(2)), atol=1e-5)
+    # padded tokens cannot change the output, real ones do
+    changed = context.clone()
+    changed[0, 3:], changed[1, 4] = 100.0, -100.0
+    assert torch.allclose(attn(x, changed, mask), out, atol=1e-6)
+    changed[0, 1] = 100.0
+    assert not torch.allclose(attn(x, changed, mask)[0], out[0], atol=1e-3)
+
+
+def test_text_model_predicts_an_image_shaped_velocity_starting_at_zero_and_reads_the_text():
+    m = load(TEXT)
+    model = m.build_model(m.Config(), context_dim=24)
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    text, mask = torch.randn(2, 6, 24), torch.ones(2, 6, dtype=torch.bool)
+    out = model(x, t, text, mask)
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0  # zero-initialised output layer
+    (out - 1).pow(2).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model = tiny_text_dit(m, context_dim=24)
+    assert not torch.allclose(model(x, t, text, mask), model(x, t, text.flip(0), mask))
+    block = m.TextConditionedDiTBlock(32, 4, context_dim=24)  # adaLN-Zero: starts as the identity
+    tokens = torch.randn(2, 64, 32)
+    assert torch.equal(block(tokens, torch.randn(2, 32), text, mask), tokens)
+
+
+def test_text_cfg_scale_1_is_the_conditional_and_0_the_unconditional_prediction(data):
+    m = load(TEXT)
+    model = tiny_text_dit(m)
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    text, mask = torch.randn(2, 6, 32), torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    null, null_mask = torch.randn(6, 32), torch.tensor([True, True, False, False, False, False])
+    v_cond = model(x, t, text, mask)
+    v_uncond = model(x, t, null.expand(2, 6, 32), null_mask.expand(2, 6))
+    assert not torch.allclose(v_cond, v_uncond)
+    for w in (0.0, 1.0, 7.5):
+        guided = m.guided_velocity(model, x, t, text, mask, null, null_mask, w)
+        assert torch.allclose(guided, v_uncond + w * (v_cond - v_uncond), atol=1e-4)
+    # one Euler step of the sampler from t=1 is x1 - v(x1, 1), with the text encoder's embeddings
+    encoder = m.CLIPTextEncoder(str(data["clip"]))
+    embeddings, masks = m.encode_prompts(encoder, ["a cat", "a big ship"], "cpu")
+    torch.manual_seed(1)
+    noise = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    one_step = m.sample_text_conditional(model, encoder, ["a cat", "a big ship"], num_steps=1, cfg_scale=1.0)
+    expected = noise - model(noise, torch.ones(2), embeddings[:2], masks[:2])
+    assert torch.allclose(one_step, expected.clamp(-1, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 1.0])
+def test_text_dropout_swaps_in_the_empty_prompt_at_its_rate(rate):
+    m = load(TEXT)
+
+    class TextRecorder(torch.nn.Module):
+        def forward(self, x, t, text, mask):
+            self.text, self.mask = text, mask
+            return torch.zeros_like(x)
+
+    model, n = TextRecorder(), 20000
+    caption, null = torch.ones(n, 3, 2), torch.zeros(3, 2)
+    caption_mask, null_mask = torch.ones(n, 3, dtype=torch.bool), torch.tensor([True, False, False])
+    m.get_text_conditional_loss(model, torch.zeros(n, 3, 2, 2), caption, caption_mask, null, null_mask, rate)
+    dropped = (model.text == 0).all(dim=(1, 2))
+    assert ((model.text == 1).all(dim=(1, 2)) | dropped).all()
+    assert torch.equal(model.mask[dropped], null_mask.expand(int(dropped.sum()), 3))
+    assert dropped.float().mean().item() == pytest.approx(rate, abs=0.01)
+
+
+def test_text_conditional_loss_targets_the_velocity_x1_minus_x0():
+    m = load(TEXT)
+    x0 = torch.rand(1, 3, 8, 8).expand(64, 3, 8, 8) * 2 - 1
+    text, mask = torch.randn(64, 2, 4), torch.ones(64, 2, dtype=torch.bool)
+
+    class Exact(torch.nn.Module):
+        def __init__(self, sign):
+            super().__init__()
+            self.sign = sign
+
+        def forward(self, x, t, text, mask):
+            return self.sign * (x - x0) / t[:, None, None, None]
+
+    assert m.get_text_conditional_loss(Exact(1), x0, text, mask, text[0], mask[0]).item() < 1e-6
+    assert m.get_text_conditional_loss(Exact(-1), x0, text, mask, text[0], mask[0]).item() > 1.0
+
+
+@pytest.mark.parametrize("encoder", ["clip", "bert"])
+def test_text_encoder_gives_token_embeddings_masks_and_pooled_vectors(encoder, data):
+    m = load(TEXT)
+    text_encoder = m.CLIPTextEncoder(model_name=str(data[encoder]))
+    width = {"clip": 32, "bert": 24}[encoder]
+    assert (text_encoder.embed_dim, text_encoder.max_length) == (width, 77)
+    prompts = ["a photo of a cat", "a ship", ""]
+    embeddings, mask = text_encoder(prompts)
+    assert embeddings.shape == (3, 77, width) and mask.shape == (3, 77) and mask.dtype == torch.bool
+    real_tokens = [len(text_encoder.tokenizer(p)["input_ids"]) for p in prompts]
+    assert mask.sum(1).tolist() == real_tokens and real_tokens[2] == 2  # "" is just start and end
+    assert not any(p.requires_grad for p in text_encoder.model.parameters())
+    tokens, pooled = text_encoder.encode(prompts, return_pooled=True)
+    assert torch.equal(tokens, embeddings) and pooled.shape == (3, width)
+    assert torch.equal(text_encoder.encode("a ship"), embeddings[1:2])
+    # the cache cuts only columns that are padding everywhere, and puts "" last
+    cached, cached_mask = m.encode_prompts(text_encoder, prompts[:2], "cpu")
+    assert cached.shape == (3, real_tokens[0], width) and torch.equal(cached_mask, mask[:, :real_tokens[0]])
+    assert torch.equal(cached[2], embeddings[2, :real_tokens[0]])
+
+
+def test_cutting_padding_columns_changes_no_prediction(data):
+    m = load(TEXT)
+    model, encoder = tiny_text_dit(m), m.CLIPTextEncoder(str(data["clip"]))
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    full, full_mask = encoder(["a cat", "a big ship"])
+    cut, cut_mask = m.encode_prompts(encoder, ["a cat", "a big ship"], "cpu")
+    assert cut.shape[1] < 20
+    assert torch.allclose(model(x, t, full, full_mask), model(x, t, cut[:2], cut_mask[:2]), atol=1e-5)
+
+
+def test_captions_and_mirrored_batches():
+    m = load(TEXT)
+    assert m.make_cifar10_captions(torch.tensor([0, 3, 5, 8])) == [
+        "a photo of an airplane", "a photo of a cat", "a photo of a dog", "a photo of a ship"]
+    assert m.make_caption("red_car") == "a photo of a red car"
+    images = torch.arange(2 * 3 * 2 * 2, dtype=torch.uint8).reshape(2, 3, 2, 2)
+    x, labels = m.get_batch(images, torch.tensor([0, 1]), 400)
+    originals = images[labels].float() / 127.5 - 1
+    same, mirrored = (x == originals).all(dim=(1, 2, 3)), (x == originals.flip(3)).all(dim=(1, 2, 3))
+    assert (same | mirrored).all() and 0.4 < mirrored.float().mean() < 0.6
+
+
+def test_seed_text_usage_example_runs_as_written(data):
+    m = importlib.import_module("04_text_clip_cifar")
+    text_encoder = m.CLIPTextEncoder(model_name=str(data["clip"]))
+    model = m.TextConditionalDiT(context_dim=text_encoder.embed_dim, embed_dim=32, depth=1)
+    samples = m.sample_text_conditional(
+        model, text_encoder,
+        prompts=["a photo of a cat", "a photo of a dog"],
+        cfg_scale=7.5
+    )
+    assert samples.shape == (2, 3, 32, 32) and samples.abs().max() <= 1
+    with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
+        m.sample_text_conditional(model, text_encoder, ["a cat"], cfg_scale=-1.0)
+
+
+def test_prompts_flag_picks_what_to_draw_after_training(data, tmp_path):
+    run(TEXT, tmp_path, data, "--steps", "2")
+    cfg, _ = load(TEXT).parse_config(["--prompts", "a red car", "a photo of a ship"])
+    assert cfg.prompts == ["a red car", "a photo of a ship"]
+    load(TEXT).main(["--out_dir", str(tmp_path), "--sample_only", "--prompts", "a red car", "--num_samples", "3"])
+    assert Image.open(tmp_path / "samples.png").size[1] < 100  # one row: the prompt typed, not the captions
+
+
+@pytest.mark.parametrize("name", TEXT_SCRIPTS)
+def test_missing_cifar_or_text_encoder_without_network_says_what_to_do(name, data, tmp_path, monkeypatch):
+    m = load(name)
+
+    def no_network(self):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(m.CIFAR10, "download", no_network)
+    with pytest.raises(SystemExit, match="cifar-10-python.tar.gz") as error:
+        m.main(["--tiny", "--data_dir", str(tmp_path / "empty"), "--text_encoder", str(data["clip"]),
+                "--out_dir", str(tmp_path)])
+    assert "\n" not in error.value.code and "class sub-folders" in error.value.code
+    result = run_cli(str(ROOT / f"{name}.py"), "--tiny", "--text_encoder", str(tmp_path / "no_such_model"),
+                     "--out_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "could not load the text encoder" in result.stderr
+
+
 # ----------------------------------------------------------------------------- the CLI
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_every_config_field_is_a_flag(name):
     m = load(name)
     cfg, given = m.parse_config(["--tiny", "--steps", "3", "--no-ema", "--lr", "0.5"])
@@ -266,7 +521,7 @@ def test_every_config_field_is_a_flag(name):
         assert f"--{field}" in help_text
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
+@pytest.mark.parametrize("name", SCRIPTS)
 @pytest.mark.parametrize("flags, message", [
     (["--no_such_flag"], "unrecognized arguments"),
     (["--steps", "ten"], "invalid int value"),
@@ -282,14 +537,19 @@ def test_bad_flags_fail_with_one_clear_line(name, flags, message, tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("flags, message", [(["--cfg_scale", "-1"], "--cfg_scale must not be negative"),
-                                            (["--label_dropout", "1.5"], "--label_dropout must be in [0, 1]")])
-def test_bad_guidance_flags_fail_with_one_clear_line(flags, message, tmp_path):
-    result = run_cli(str(ROOT / "03_class_cfg.py"), *flags, "--out_dir", str(tmp_path), cwd=tmp_path)
+@pytest.mark.parametrize("name, flags, message", [
+    ("03_class_cfg", ["--cfg_scale", "-1"], "--cfg_scale must not be negative"),
+    ("03_class_cfg", ["--label_dropout", "1.5"], "--label_dropout must be in [0, 1]"),
+    ("04_text_clip_cifar", ["--cfg_scale", "-1"], "--cfg_scale must not be negative"),
+    ("04_text_clip_cifar", ["--text_dropout", "-0.1"], "--text_dropout must be in [0, 1]"),
+    ("04_text_clip_cifar", ["--img_size", "0"], "--img_size must be at least 1"),
+])
+def test_bad_guidance_flags_fail_with_one_clear_line(name, flags, message, tmp_path):
+    result = run_cli(str(ROOT / f"{name}.py"), *flags, "--out_dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and result.stderr == f"error: {message} (--help lists every flag)\n"
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_import_only_defines_things(name, tmp_path):
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import importlib; importlib.import_module({name!r})"
     result = run_cli("-c", code, cwd=tmp_path)
@@ -299,40 +559,45 @@ def test_import_only_defines_things(name, tmp_path):
 
 # ----------------------------------------------------------------------------- runs end to end
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
-def test_tiny_run_writes_every_output(name, mnist_dir, tmp_path):
-    run(name, tmp_path, mnist_dir, "--eval_samples", "20")
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_tiny_run_writes_every_output(name, data, tmp_path):
+    run(name, tmp_path, data, "--eval_samples", "30")
     for file in ("samples.png", "trajectory.png", "log.csv", "ckpt.pt", "samples.npz"):
         assert (tmp_path / file).exists(), file
     log = (tmp_path / "log.csv").read_text().splitlines()
     assert log[0] == "step,loss,lr,images_per_s" and log[-1].startswith(f"{load(name).TINY['steps']},")
     npz = np.load(tmp_path / "samples.npz")
-    assert npz["images"].shape == (20, 28, 28, 1) and npz["images"].dtype == np.uint8
+    image_shape = (32, 32, 3) if name in TEXT_SCRIPTS else (28, 28, 1)
+    assert npz["images"].shape == (30, *image_shape) and npz["images"].dtype == np.uint8
     assert npz["labels"].dtype == np.int64
-    if name == "03_class_cfg":  # two of every digit, and the guidance sweep
-        assert (np.bincount(npz["labels"]) == 2).all() and len(np.bincount(npz["labels"])) == 10
-        assert (tmp_path / "cfg_sweep.png").exists()
-    else:
+    if name in UNCONDITIONAL:
         assert (npz["labels"] == -1).all()
+    else:  # equal numbers of every class, and the guidance sweep
+        num_classes = 3 if name in TEXT_SCRIPTS else 10
+        assert np.bincount(npz["labels"]).tolist() == [30 // num_classes] * num_classes
+        assert (tmp_path / "cfg_sweep.png").exists()
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["script"] == name and ckpt["step"] == load(name).TINY["steps"]
     assert {"model", "ema", "optimizer", "config"} <= set(ckpt)
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left nothing behind
+    if name in TEXT_SCRIPTS:  # the folder names became the captions, in ImageFolder's (sorted) order
+        assert ckpt["captions"] == ["a photo of an airplane", "a photo of a cat", "a photo of a ship"]
+        assert (tmp_path / "attention.png").exists()
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
-def test_seed_makes_a_run_repeatable(name, mnist_dir, tmp_path):
-    run(name, tmp_path / "a", mnist_dir, "--steps", "3", "--eval_samples", "4")
-    run(name, tmp_path / "b", mnist_dir, "--steps", "3", "--eval_samples", "4")
-    run(name, tmp_path / "c", mnist_dir, "--steps", "3", "--eval_samples", "4", "--seed", "1")
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_seed_makes_a_run_repeatable(name, data, tmp_path):
+    run(name, tmp_path / "a", data, "--steps", "3", "--eval_samples", "4")
+    run(name, tmp_path / "b", data, "--steps", "3", "--eval_samples", "4")
+    run(name, tmp_path / "c", data, "--steps", "3", "--eval_samples", "4", "--seed", "1")
     a, b, c = (np.load(tmp_path / d / "samples.npz")["images"] for d in "abc")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
-def test_resume_and_sample_only(name, mnist_dir, tmp_path):
-    run(name, tmp_path, mnist_dir, "--steps", "4")
-    run(name, tmp_path, mnist_dir, "--steps", "7", "--resume")
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_resume_and_sample_only(name, data, tmp_path):
+    run(name, tmp_path, data, "--steps", "4")
+    run(name, tmp_path, data, "--steps", "7", "--resume")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 7
     assert [line.split(",")[0] for line in (tmp_path / "log.csv").read_text().splitlines()][-1] == "7"
     before = (tmp_path / "ckpt.pt").read_bytes()
@@ -343,19 +608,20 @@ def test_resume_and_sample_only(name, mnist_dir, tmp_path):
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("writer, reader", [("01_flow_mnist", "02_dit_mnist"), ("02_dit_mnist", "03_class_cfg")])
-def test_checkpoint_of_another_script_is_refused(writer, reader, mnist_dir, tmp_path):
-    run(writer, tmp_path, mnist_dir, "--steps", "2")
+@pytest.mark.parametrize("writer, reader", [("01_flow_mnist", "02_dit_mnist"), ("02_dit_mnist", "03_class_cfg"),
+                                            ("03_class_cfg", "04_text_clip_cifar")])
+def test_checkpoint_of_another_script_is_refused(writer, reader, data, tmp_path):
+    run(writer, tmp_path, data, "--steps", "2")
     with pytest.raises(SystemExit, match=f"written by {writer}, not {reader}"):
         load(reader).main(["--out_dir", str(tmp_path), "--sample_only"])
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
-def test_corrupt_missing_or_mismatched_checkpoint_is_refused(name, mnist_dir, tmp_path):
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_corrupt_missing_or_mismatched_checkpoint_is_refused(name, data, tmp_path):
     m = load(name)
     with pytest.raises(SystemExit, match="no checkpoint"):
         m.main(["--out_dir", str(tmp_path), "--sample_only"])
-    run(name, tmp_path, mnist_dir, "--steps", "2")
+    run(name, tmp_path, data, "--steps", "2")
     wider = {"01_flow_mnist": ["--base_channels", "16"]}.get(name, ["--embed_dim", "64"])
     with pytest.raises(SystemExit, match="model of another shape") as error:
         m.main(["--out_dir", str(tmp_path), "--sample_only", *wider])
@@ -380,23 +646,23 @@ def test_missing_data_without_network_says_where_to_put_it(name, tmp_path, monke
     assert "\n" not in error.value.code and "train-images-idx3-ubyte" in error.value.code
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(name, mnist_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(name, data, tmp_path, monkeypatch):
     m = load(name)
-    run(name, tmp_path, mnist_dir, "--steps", "2")
+    run(name, tmp_path, data, "--steps", "2")
     good = (tmp_path / "ckpt.pt").read_bytes()
-    loss_name = "get_conditional_loss" if name == "03_class_cfg" else "get_loss"
+    loss_name = {"03_class_cfg": "get_conditional_loss",
+                 "04_text_clip_cifar": "get_text_conditional_loss"}.get(name, "get_loss")
     monkeypatch.setattr(m, loss_name, lambda *args: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit, match="loss became nan at step 2"):
-        run(name, tmp_path, mnist_dir, "--steps", "4", "--resume")
+        run(name, tmp_path, data, "--steps", "4", "--resume")
     assert (tmp_path / "ckpt.pt").read_bytes() == good
 
 
-@pytest.mark.parametrize("name", MNIST_SCRIPTS)
-def test_ctrl_c_saves_a_checkpoint(name, mnist_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_ctrl_c_saves_a_checkpoint(name, data, tmp_path, monkeypatch):
     m = load(name)
     calls = []
-    real_get_batch = m.get_batch
 
     def interrupted_on_the_fourth_batch(*args):
         calls.append(1)
@@ -404,7 +670,8 @@ def test_ctrl_c_saves_a_checkpoint(name, mnist_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_get_batch(*args)
 
+    real_get_batch = m.get_batch
     monkeypatch.setattr(m, "get_batch", interrupted_on_the_fourth_batch)
     with pytest.raises(SystemExit, match="interrupted at step 3"):
-        run(name, tmp_path, mnist_dir, "--steps", "10")
+        run(name, tmp_path, data, "--steps", "10")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
