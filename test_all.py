@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 MNIST_SCRIPTS = ["01_flow_mnist", "02_dit_mnist", "03_class_cfg"]
 UNCONDITIONAL = ["01_flow_mnist", "02_dit_mnist"]
-TEXT_SCRIPTS = ["04_text_clip_cifar"]
+TEXT_SCRIPTS = ["04_text_clip_cifar", "05_latent_vae"]
 SCRIPTS = MNIST_SCRIPTS + TEXT_SCRIPTS
 
 
@@ -508,6 +508,122 @@ def test_missing_cifar_or_text_encoder_without_network_says_what_to_do(name, dat
     assert "could not load the text encoder" in result.stderr
 
 
+# ----------------------------------------------------------------------------- latent diffusion (05)
+
+LATENT = "05_latent_vae"
+
+
+def test_vae_shapes_and_reparameterisation():
+    m = load(LATENT)
+    torch.manual_seed(0)
+    vae = m.VAE(latent_channels=4)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean, logvar = vae.encode(x)
+    assert mean.shape == logvar.shape == (2, 4, 8, 8)
+    assert vae.decode(mean).shape == (2, 3, 32, 32)
+    reconstruction, mean2, _ = vae(x)
+    assert reconstruction.shape == x.shape and torch.equal(mean, mean2)
+    # z = mean + sigma * noise: two draws differ, and gradients reach the encoder through it
+    assert not torch.equal(vae(x)[0], vae(x)[0])
+    m.get_vae_loss(vae, x, kl_weight=1.0).backward()
+    assert vae.encoder[0].weight.grad.abs().sum() > 0
+    assert vae.scale_factor.item() == 1.0 and "scale_factor" in vae.state_dict()
+
+
+def test_vae_loss_is_reconstruction_plus_weighted_kl():
+    m = load(LATENT)
+    torch.manual_seed(0)
+    vae, x = m.VAE(latent_channels=4, channels=8), torch.rand(3, 3, 32, 32) * 2 - 1
+    mean, logvar = vae.encode(x)
+    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()  # eq. (7), per latent value
+    losses = []
+    for weight in (0.0, 0.5):
+        torch.manual_seed(1)  # the same noise in z, so the same reconstruction
+        losses.append(m.get_vae_loss(vae, x, weight))
+    torch.manual_seed(1)
+    assert losses[0].item() == pytest.approx(torch.nn.functional.mse_loss(vae(x)[0], x).item(), rel=1e-5)
+    assert (losses[1] - losses[0]).item() == pytest.approx(0.5 * kl.item(), rel=1e-4)
+
+
+def test_psnr():
+    m = load(LATENT)
+    images = torch.rand(4, 3, 8, 8) * 1.6 - 0.8
+    assert m.psnr(images, images + 0.1) == pytest.approx(10 * np.log10(4 / 0.01), abs=1e-3)  # 26.02 dB
+    assert m.psnr(images, images + 0.2) < m.psnr(images, images + 0.1)
+
+
+def test_training_latents_have_unit_std_and_include_mirror_images():
+    m = load(LATENT)
+    torch.manual_seed(0)
+    vae = m.VAE(latent_channels=4, channels=8)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    latents, labels = m.encode_training_latents(vae, images, torch.arange(6))
+    assert latents.shape == (12, 4, 8, 8) and labels.tolist() == [*range(6), *range(6)]
+    assert latents.std().item() == pytest.approx(1.0, abs=1e-4)
+    raw = m.encode_images(vae, images.flip(3))
+    assert torch.allclose(latents[6:], raw * vae.scale_factor, atol=1e-5)
+    assert vae.scale_factor.item() == pytest.approx(1 / torch.cat([m.encode_images(vae, images), raw]).std().item())
+
+
+def test_latent_sampler_undoes_the_scale_and_decodes(data):
+    m = load(LATENT)
+    encoder = m.CLIPTextEncoder(str(data["clip"]))
+    torch.manual_seed(0)
+    vae = m.VAE(latent_channels=4, channels=8)
+    vae.scale_factor.fill_(2.0)
+    model = m.TextConditionalDiT(img_size=8, patch_size=2, in_channels=4, embed_dim=32, depth=1, num_heads=2,
+                                 context_dim=32)  # a fresh model predicts v = 0: the latent stays the noise
+    torch.manual_seed(1)
+    noise = torch.randn(2, 4, 8, 8)
+    torch.manual_seed(1)
+    images = m.sample_latent_conditional(model, vae, encoder, ["a cat", "a ship"], num_steps=3)
+    assert torch.allclose(images, vae.decode(noise / 2).clamp(-1, 1), atol=1e-5)
+    states = m.sample_latent_conditional(model, vae, encoder, ["a cat"], num_steps=3, trajectory=True)
+    assert len(states) == 4 and states[0].shape == (1, 3, 32, 32)
+
+
+def test_seed_latent_usage_example_runs_with_a_text_encoder_passed_in(data):
+    m = importlib.import_module("05_latent_vae")
+    text_encoder = m.CLIPTextEncoder(model_name=str(data["clip"]))
+    vae = m.VAE(latent_channels=4)
+    model = m.TextConditionalDiT(in_channels=4, img_size=8, context_dim=text_encoder.embed_dim)
+    samples = m.sample_latent_conditional(
+        model, vae, text_encoder,
+        class_labels=[0, 1, 2, 3],
+        latent_shape=(4, 8, 8),
+        cfg_scale=3.0
+    )
+    assert samples.shape == (4, 3, 32, 32) and samples.abs().max() <= 1
+    with pytest.raises(ValueError, match="0..9"):
+        m.sample_latent_conditional(model, vae, text_encoder, class_labels=[10])
+
+
+def test_vae_training_resumes_after_ctrl_c_and_a_trained_vae_can_be_reused(data, tmp_path, monkeypatch):
+    m = load(LATENT)
+    calls = []
+    real_get_batch = m.get_batch
+
+    def interrupted_on_the_fourth_batch(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_get_batch(*args)
+
+    monkeypatch.setattr(m, "get_batch", interrupted_on_the_fourth_batch)
+    with pytest.raises(SystemExit, match="interrupted at VAE step 3"):
+        run(LATENT, tmp_path / "a", data)
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["vae_step"] == 3
+    run(LATENT, tmp_path / "a", data, "--resume")
+    first = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    assert first["vae_step"] == m.TINY["vae_steps"] and first["step"] == m.TINY["steps"]
+    assert len(calls) == 4 + m.TINY["vae_steps"] - 3  # stage 1 went on from step 3
+    # --vae_ckpt: stage 1 is skipped and the VAE is the one given
+    run(LATENT, tmp_path / "b", data, "--vae_ckpt", str(tmp_path / "a" / "ckpt.pt"))
+    second = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert len(calls) == 4 + m.TINY["vae_steps"] - 3
+    assert all(torch.equal(first["vae"][k], second["vae"][k]) for k in first["vae"])
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -583,6 +699,8 @@ def test_tiny_run_writes_every_output(name, data, tmp_path):
     if name in TEXT_SCRIPTS:  # the folder names became the captions, in ImageFolder's (sorted) order
         assert ckpt["captions"] == ["a photo of an airplane", "a photo of a cat", "a photo of a ship"]
         assert (tmp_path / "attention.png").exists()
+    if name == "05_latent_vae":
+        assert (tmp_path / "recon.png").exists() and ckpt["vae_step"] == load(name).TINY["vae_steps"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -609,7 +727,8 @@ def test_resume_and_sample_only(name, data, tmp_path):
 
 
 @pytest.mark.parametrize("writer, reader", [("01_flow_mnist", "02_dit_mnist"), ("02_dit_mnist", "03_class_cfg"),
-                                            ("03_class_cfg", "04_text_clip_cifar")])
+                                            ("03_class_cfg", "04_text_clip_cifar"),
+                                            ("04_text_clip_cifar", "05_latent_vae")])
 def test_checkpoint_of_another_script_is_refused(writer, reader, data, tmp_path):
     run(writer, tmp_path, data, "--steps", "2")
     with pytest.raises(SystemExit, match=f"written by {writer}, not {reader}"):
@@ -651,8 +770,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(name, data, tmp_pat
     m = load(name)
     run(name, tmp_path, data, "--steps", "2")
     good = (tmp_path / "ckpt.pt").read_bytes()
-    loss_name = {"03_class_cfg": "get_conditional_loss",
-                 "04_text_clip_cifar": "get_text_conditional_loss"}.get(name, "get_loss")
+    loss_name = {"03_class_cfg": "get_conditional_loss", "04_text_clip_cifar": "get_text_conditional_loss",
+                 "05_latent_vae": "get_text_conditional_loss"}.get(name, "get_loss")
     monkeypatch.setattr(m, loss_name, lambda *args: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit, match="loss became nan at step 2"):
         run(name, tmp_path, data, "--steps", "4", "--resume")
@@ -670,8 +789,9 @@ def test_ctrl_c_saves_a_checkpoint(name, data, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_get_batch(*args)
 
-    real_get_batch = m.get_batch
-    monkeypatch.setattr(m, "get_batch", interrupted_on_the_fourth_batch)
+    batches = "get_latent_batch" if name == "05_latent_vae" else "get_batch"  # 05: stop in stage 2
+    real_get_batch = getattr(m, batches)
+    monkeypatch.setattr(m, batches, interrupted_on_the_fourth_batch)
     with pytest.raises(SystemExit, match="interrupted at step 3"):
         run(name, tmp_path, data, "--steps", "10")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
