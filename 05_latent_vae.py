@@ -282,7 +282,9 @@ class CLIPTextEncoder:
             self.model = AutoModel.from_pretrained(model_name)
         self.model.to(self.device).eval().requires_grad_(False)
         self.embed_dim = self.model.config.hidden_size  # 512 for CLIP ViT-B/32
-        self.max_length = min(self.tokenizer.model_max_length, 77)  # CLIP reads 77 tokens at most
+        # CLIP reads 77 tokens at most; a smaller model or tokenizer may read fewer
+        positions = getattr(self.model.config, "max_position_embeddings", 77)
+        self.max_length = min(self.tokenizer.model_max_length, positions, 77)
 
     def __call__(self, prompts):
         """A prompt or a list of B prompts -> token embeddings [B, max_length, embed_dim] and

@@ -62,7 +62,7 @@ def make_image_folder(root, classes=("cat", "ship", "airplane")):
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def make_tiny_clip(root):
+def make_tiny_clip(root, positions=77):
     """A tiny random CLIP text model and a letter-level CLIP tokenizer, saved with
     save_pretrained as a real one would be: CLIPTextEncoder loads it from the folder."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -70,7 +70,7 @@ def make_tiny_clip(root):
         vocab[letter], vocab[letter + "</w>"] = len(vocab), len(vocab) + 1
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                            num_attention_heads=2, max_position_embeddings=positions, bos_token_id=0, eos_token_id=1,
                             pad_token_id=1)
     torch.manual_seed(0)
     CLIPTextModel(config).save_pretrained(root)
@@ -444,6 +444,13 @@ def test_text_encoder_gives_token_embeddings_masks_and_pooled_vectors(encoder, d
     cached, cached_mask = m.encode_prompts(text_encoder, prompts[:2], "cpu")
     assert cached.shape == (3, real_tokens[0], width) and torch.equal(cached_mask, mask[:, :real_tokens[0]])
     assert torch.equal(cached[2], embeddings[2, :real_tokens[0]])
+
+
+def test_a_text_model_with_fewer_positions_reads_fewer_tokens(tmp_path):
+    m = load(TEXT)
+    text_encoder = m.CLIPTextEncoder(str(make_tiny_clip(tmp_path / "clip16", positions=16)))
+    embeddings, mask = text_encoder(["a photo of an airplane, long enough to be cut"])
+    assert text_encoder.max_length == 16 and embeddings.shape == (1, 16, 32) and mask.all()
 
 
 def test_cutting_padding_columns_changes_no_prediction(data):
