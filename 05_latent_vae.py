@@ -337,6 +337,9 @@ class ResBlock(nn.Module):
         return x + self.block(x)
 
 
+VAE_DOWNSCALE = 4  # the VAE's two stride-2 convolutions shrink each side 4x: 32x32 -> 8x8
+
+
 class VAE(nn.Module):
     """A small convolutional variational autoencoder (Kingma & Welling 2014), the first stage of
     Stable Diffusion: image [3, H, W] -> encoder -> mean and log-variance of a latent
@@ -543,12 +546,12 @@ class TextConditionalDiT(nn.Module):
 
 def build_model(cfg, context_dim):
     """The DiT of stage 2, on latents: [latent_channels, img_size/4, img_size/4] instead of pixels."""
-    if cfg.img_size % (4 * cfg.patch_size) or cfg.embed_dim % 4 or cfg.embed_dim % cfg.num_heads:
+    if cfg.img_size % (VAE_DOWNSCALE * cfg.patch_size) or cfg.embed_dim % 4 or cfg.embed_dim % cfg.num_heads:
         raise SystemExit("error: 4 * --patch_size must divide --img_size; "
                          "--embed_dim must divide by 4 and by --num_heads")
-    return TextConditionalDiT(img_size=cfg.img_size // 4, patch_size=cfg.patch_size, in_channels=cfg.latent_channels,
-                              embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                              mlp_ratio=cfg.mlp_ratio, context_dim=context_dim)
+    return TextConditionalDiT(img_size=cfg.img_size // VAE_DOWNSCALE, patch_size=cfg.patch_size,
+                              in_channels=cfg.latent_channels, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                              num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, context_dim=context_dim)
 
 
 def build_vae(cfg):
@@ -860,7 +863,7 @@ def save_grid(images, path, ncol, title="", col_labels=None, row_labels=None, sc
 
 
 def latent_shape_of(cfg):
-    return (cfg.latent_channels, cfg.img_size // 4, cfg.img_size // 4)
+    return (cfg.latent_channels, cfg.img_size // VAE_DOWNSCALE, cfg.img_size // VAE_DOWNSCALE)
 
 
 @torch.no_grad()
@@ -902,10 +905,11 @@ def save_attention_maps(model, vae, text_encoder, prompt, cfg, out_dir, device):
     tokens = text_encoder.tokenizer.convert_ids_to_tokens(token_ids)
     attention = torch.stack(weights).float().mean(0)[:, :len(tokens)]  # [patches, tokens]
     share = attention.mean(0)  # the fraction of all attention each token gets
-    grid = cfg.img_size // (4 * cfg.patch_size)
+    patch_pixels = VAE_DOWNSCALE * cfg.patch_size  # one latent patch covers this many pixels a side
+    grid = cfg.img_size // patch_pixels
     maps = attention.T.reshape(len(tokens), grid, grid)
     maps = maps / maps.amax(dim=(1, 2), keepdim=True)
-    maps = maps.repeat_interleave(4 * cfg.patch_size, 1).repeat_interleave(4 * cfg.patch_size, 2)  # patch -> pixels
+    maps = maps.repeat_interleave(patch_pixels, 1).repeat_interleave(patch_pixels, 2)  # patch -> pixels
     save_grid(torch.cat([image, heat_colors(maps).to(image.device)]), out_dir / "attention.png",
               ncol=len(tokens) + 1, scale=3, title=f'cross-attention while drawing "{prompt}"',
               col_labels=["image"] + [f"{token[:10]} {p:.0%}" for token, p in zip(tokens, share)])
