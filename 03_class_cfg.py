@@ -2,7 +2,7 @@
 
 What this step adds
     The flow of steps 1 and 2 is unchanged: path x_t = (1 - t) * x0 + t * x1 (1), velocity
-    v = x1 - x0 (2), loss || v_theta - v ||^2 (3), Euler x_{t - dt} = x_t - dt * v_theta (4).
+    v = x1 - x0 (2), loss || v_theta - v ||^2 (3), Euler x_{t - dt} = x_t - dt * v_theta (4), Heun (4b).
     The DiT of step 2 now learns v_theta(x_t, t, y): "draw the digit y". The label's embedding
     is added to the time embedding, so it steers every block through adaLN.
     Label dropout: in training each label is replaced by a null class with probability 0.1,
@@ -10,7 +10,8 @@ What this step adds
     Classifier-free guidance (Ho & Salimans, 2022) then extrapolates from one to the other:
         v = v_uncond + w * (v_cond - v_uncond)                          (5)
     w = 0 is unconditional, w = 1 the plain conditional model, w > 1 pushes samples
-    further towards what makes them "a 7". Both halves run in one batched forward pass.
+    further towards what makes them "a 7". Both halves run in one batched forward pass, so
+    one guided evaluation counts as one NFE (of a batch twice as large).
 
 Run it
     python 03_class_cfg.py                      # full run (downloads MNIST to ./data)
@@ -21,19 +22,23 @@ Run it
 What to expect
     About 11 minutes on a 2-core laptop CPU (about 390 images/s; a GPU is much faster).
     out/03_class_cfg/ then holds samples.png (row k = digit k), cfg_sweep.png (the same
-    noise for every digit at guidance scales 0 to 6), trajectory.png, log.csv and ckpt.pt.
+    noise for every digit at guidance scales 0 to 6), trajectory.png and trajectory.gif,
+    nfe_sweep.png, progress.png, loss.png, log.csv and ckpt.pt.
 """
 
 import argparse
 import copy
 import csv
 import dataclasses
+import inspect
 import io
 import math
 import os
-import sys
+import re
+import shutil
+import signal
 import time
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.datasets import MNIST
 
 SCRIPT = Path(__file__).stem  # written into checkpoints, so another script's are refused
@@ -65,15 +70,16 @@ class Config:
     steps: int = 4000  # optimizer steps (fewer than 02's: CFG sampling costs two passes)
     batch_size: int = 64  # images per step
     lr: float = 1e-3  # peak learning rate
-    warmup_steps: int = 100  # linear warmup from 0 to lr, then cosine decay to lr/10
+    warmup_steps: int = 100  # linear warmup from 0 to lr, then constant
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the gradient norm to this
     ema: bool = True  # sample with an exponential moving average of the weights
-    ema_decay: float = 0.999  # EMA decay (warmed up: early steps average over fewer steps)
+    ema_decay: float = 0.999  # EMA decay: an average over the last 1 / (1 - decay) steps
     time_sampling: str = "logit_normal"  # how training picks t: "logit_normal" or "uniform"
     label_dropout: float = 0.1  # chance that a training label becomes the null class (for CFG)
     # sampling
-    sample_steps: int = 50  # Euler steps from t=1 to t=0
+    sampler: str = "euler"  # "euler" (4) or "heun" (4b)
+    sample_steps: int = 50  # sampler steps from t=1 to t=0 (Heun costs 2 network evaluations a step)
     num_samples: int = 80  # images in samples.png, one row per digit
     cfg_scale: float = 2.0  # guidance w in eq. (5): 0 unconditional, 1 conditional, >1 guided
     eval_samples: int = 0  # if > 0, also write this many samples to samples.npz
@@ -91,39 +97,13 @@ class Config:
 TINY = dict(embed_dim=32, depth=2, num_heads=2, steps=20, batch_size=16, warmup_steps=5,
             sample_steps=4, num_samples=16, log_every=1.0)
 
-
-def parse_config(argv=None):
-    """Build Config from the command line: one flag per field, so the CLI cannot drift."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     argument_default=argparse.SUPPRESS)
-    parser.error = lambda message: parser.exit(2, f"error: {message} (--help lists every flag)\n")
-    for f in dataclasses.fields(Config):
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
-                                help=f"default: {f.default}")
-        else:
-            parser.add_argument(f"--{f.name}", type=f.type, metavar=f.type.__name__.upper(),
-                                help=f"default: {f.default}")
-    given = vars(parser.parse_args(argv))  # only the flags actually typed
-    cfg = Config(**{**(TINY if given.get("tiny") else {}), **given})
-    at_least_1 = ("steps", "batch_size", "sample_steps", "num_samples", "ckpt_every")
-    problems = [f"--{name} must be at least 1" for name in at_least_1 if getattr(cfg, name) < 1]
-    not_negative = ("lr", "weight_decay", "grad_clip", "eval_samples", "warmup_steps", "log_every", "cfg_scale")
-    problems += [f"--{name} must not be negative" for name in not_negative if getattr(cfg, name) < 0]
-    if not 0 <= cfg.label_dropout <= 1:
-        problems.append("--label_dropout must be in [0, 1]")
-    if not 0 <= cfg.ema_decay < 1:
-        problems.append("--ema_decay must be in [0, 1)")
-    if cfg.time_sampling not in ("logit_normal", "uniform"):
-        problems.append("--time_sampling must be logit_normal or uniform")
-    if problems:
-        parser.error("; ".join(problems))
-    return cfg, given
+# The fields that define the model: a checkpoint is only loaded where they match.
+MODEL_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_classes")
 
 
 # ----------------------------------------------------------------------------- device
 
-def pick_device(name):
+def get_device(name="auto"):
     """cuda, then mps, then cpu; --device forces one."""
     if name == "auto":
         if torch.cuda.is_available():
@@ -142,9 +122,14 @@ def pick_device(name):
     return device
 
 
+def uses_bf16(device):
+    """bf16 autocast only on a GPU that computes in bf16 natively; float32 everywhere else."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def autocast(device):
-    """bf16 autocast on CUDA (faster, same results in practice); float32 elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 autocast where uses_bf16 (faster, same results in practice); float32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
 
 
 # ----------------------------------------------------------------------------- data
@@ -155,18 +140,23 @@ def load_mnist(data_dir, device):
 
     MNIST fits in memory, so batches are drawn by index: no DataLoader, no per-image work.
     """
-    try:
-        dataset = MNIST(data_dir, train=True, download=False)
-    except RuntimeError:
+    raw = Path(data_dir) / "MNIST" / "raw"
+    if not all((raw / f"{name}-{kind}-idx{dims}-ubyte").is_file()
+               for name in ("train", "t10k") for kind, dims in (("images", 3), ("labels", 1))):
         print(f"downloading MNIST to {data_dir} ...", flush=True)
         try:
-            with redirect_stdout(io.StringIO()):  # torchvision prints every mirror it tries
-                dataset = MNIST(data_dir, train=True, download=True)
+            with removed_on_failure(raw), redirect_stdout(io.StringIO()):  # torchvision prints every mirror
+                MNIST(data_dir, train=True, download=True)
         except Exception:
             raise SystemExit(
                 f"error: MNIST is not in {data_dir} and could not be downloaded: put "
                 f"train-images-idx3-ubyte and train-labels-idx1-ubyte (and the t10k files) "
-                f"in {Path(data_dir) / 'MNIST' / 'raw'}, or pass --data_dir")
+                f"in {raw}, or pass --data_dir")
+    try:
+        dataset = MNIST(data_dir, train=True, download=False)
+    except Exception:
+        raise SystemExit(f"error: the MNIST files in {raw} are corrupt or truncated: delete them to download "
+                         f"them again, or pass another --data_dir")
     return dataset.data.unsqueeze(1).to(device), dataset.targets.to(device)
 
 
@@ -321,8 +311,6 @@ class ConditionalDiT(nn.Module):
 
 
 def build_model(cfg):
-    if 28 % cfg.patch_size or cfg.embed_dim % 4 or cfg.embed_dim % cfg.num_heads:
-        raise SystemExit("error: --patch_size must divide 28; --embed_dim must divide by 4 and by --num_heads")
     return ConditionalDiT(num_classes=cfg.num_classes, img_size=28, patch_size=cfg.patch_size,
                           in_channels=1, embed_dim=cfg.embed_dim, depth=cfg.depth,
                           num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
@@ -342,11 +330,12 @@ def sample_timesteps(batch_size, time_sampling, device):
     return torch.sigmoid(torch.randn(batch_size, device=device))
 
 
-def get_conditional_loss(model, x0, labels, label_dropout=0.1, time_sampling="logit_normal"):
+def get_conditional_loss(model, x0, labels, label_dropout=0.1, time_sampling="logit_normal", record=None):
     """Flow-matching loss (3) for a batch of data x0 in [-1, 1] with its labels.
 
     Each label becomes the null class with probability label_dropout, so one network learns
     both the conditional and the unconditional velocity that CFG blends.
+    record: a list that, when given, collects (t, the loss of each image): the loss by time.
     """
     dropped = torch.rand(len(labels), device=labels.device) < label_dropout
     labels = torch.where(dropped, model.num_classes, labels)
@@ -355,24 +344,47 @@ def get_conditional_loss(model, x0, labels, label_dropout=0.1, time_sampling="lo
     t_ = t[:, None, None, None]
     x_t = (1 - t_) * x0 + t_ * x1                       # the straight path (1)
     v_target = x1 - x0                                  # its velocity (2)
-    return F.mse_loss(model(x_t, t, labels).float(), v_target)
+    loss_per_image = (model(x_t, t, labels).float() - v_target).pow(2).flatten(1).mean(1)
+    if record is not None:
+        record.append((t.detach(), loss_per_image.detach()))
+    return loss_per_image.mean()
 
 
 # ----------------------------------------------------------------------------- sampler
 
 @torch.no_grad()
-def euler_sample(velocity, x, num_steps):
-    """Integrate dx/dt = velocity(x, t) from t = 1 (noise) to t = 0 (data), eq. (4).
+def euler_sample(velocity, x, num_steps, trajectory=True):
+    """Integrate dx/dt = velocity(x, t) from t = 1 (noise) to t = 0 (data) with Euler, eq. (4).
 
-    Returns every state [x at t=1, ..., x at t=0], so a caller can show the trajectory.
+    Returns [x at t=1, ..., x at t=0], every state, so a caller can show the trajectory;
+    trajectory=False keeps only the last, [x at t=0], to save memory.
     """
     ts = torch.linspace(1, 0, num_steps + 1, device=x.device)
     states = [x]
     for t, t_next in zip(ts[:-1], ts[1:]):
         v = velocity(x, t.expand(len(x)))
         x = x + (t_next - t) * v  # t_next - t = -dt < 0: a step back in time
-        states.append(x)
+        states = states + [x] if trajectory else [x]
     return states
+
+
+@torch.no_grad()
+def heun_sample(velocity, x, num_steps, trajectory=True):
+    """The same integration with Heun's method, eq. (4b): an Euler step to t_next, then the
+    step again with the average of the velocities at t and at t_next. Two evaluations a step."""
+    ts = torch.linspace(1, 0, num_steps + 1, device=x.device)
+    states = [x]
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        v = velocity(x, t.expand(len(x)))
+        x_euler = x + (t_next - t) * v
+        v_next = velocity(x_euler, t_next.expand(len(x)))
+        x = x + (t_next - t) * (v + v_next) / 2
+        states = states + [x] if trajectory else [x]
+    return states
+
+
+SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
+EVALS_PER_STEP = {"euler": 1, "heun": 2}  # network evaluations (NFE) per step: the real cost
 
 
 def guided_velocity(model, x, t, labels, cfg_scale):
@@ -386,227 +398,556 @@ def guided_velocity(model, x, t, labels, cfg_scale):
 
 
 def sample_conditional(model, class_labels, cfg_scale=4.0, num_steps=50, image_shape=(1, 28, 28),
-                       device=None, trajectory=False):
+                       device=None, trajectory=False, sampler="euler"):
     """Generate one image in [-1, 1] per class label, with guidance scale cfg_scale;
-    trajectory=True returns every Euler state instead."""
+    trajectory=True returns every sampler state instead."""
     device = torch.device(device or next(model.parameters()).device)
     labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).flatten()
     if labels.numel() and not 0 <= labels.min() <= labels.max() < model.num_classes:
         raise ValueError(f"class labels must be in 0..{model.num_classes - 1}, got {labels.tolist()}")
-    if cfg_scale < 0:
+    if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
         raise ValueError(f"cfg_scale must be >= 0 (0 = unconditional, 1 = conditional), got {cfg_scale}")
 
     def velocity(x, t):
         with autocast(device):
             return guided_velocity(model, x, t, labels, cfg_scale)
 
-    states = euler_sample(velocity, torch.randn(len(labels), *image_shape, device=device), num_steps)
+    noise = torch.randn(len(labels), *image_shape, device=device)
+    states = SAMPLERS[sampler](velocity, noise, num_steps, trajectory)
     return [x.clamp(-1, 1) for x in states] if trajectory else states[-1].clamp(-1, 1)
 
 
-def sample_each_class(model, num_per_class=8, cfg_scale=4.0, num_steps=50, device=None):
+def sample_each_class(model, num_per_class=8, cfg_scale=4.0, num_steps=50, device=None, sampler="euler"):
     """num_per_class images of every class, in class order: in a grid num_per_class wide,
     row k is class k."""
     labels = torch.arange(model.num_classes).repeat_interleave(num_per_class)
-    return sample_conditional(model, labels, cfg_scale, num_steps, device=device)
+    return sample_conditional(model, labels, cfg_scale, num_steps, device=device, sampler=sampler)
 
 
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, cfg):
-    """Linear warmup, then cosine decay to a tenth of the peak."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    """Linear warmup, then constant. The EMA of the weights does the averaging that a decaying
+    rate would, and since the rate does not depend on --steps, a finished run can be trained
+    further with --resume as if it had been asked for more steps from the start."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 
 @torch.no_grad()
 def update_ema(ema_model, model, step, decay):
-    """ema <- d * ema + (1 - d) * weights, with d warmed up so short runs benefit too."""
-    d = min(decay, (1 + step) / (10 + step))
+    """ema <- d * ema + (1 - d) * weights. Until step 1 / (1 - decay), d = 1 - 1 / (step + 1) makes
+    the EMA the plain mean of all weights so far; from then on it averages over the last
+    1 / (1 - decay) steps, as the number says."""
+    d = min(decay, 1 - 1 / (step + 1))
     for e, p in zip(ema_model.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
 
 
-def save_checkpoint(path, model, ema_model, optimizer, cfg, step):
-    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    state = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "step": step,
-             "model": model.state_dict(), "ema": ema_model.state_dict(),
-             "optimizer": optimizer.state_dict()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def train(model, ema_model, optimizer, images, labels, cfg, out_dir, step, device, parts, extras):
+    """The training loop, from step to cfg.steps. Ctrl-C and SIGTERM stop it between two steps
+    with a checkpoint; a non-finite loss or gradient stops it before it touches the weights."""
+    ckpt_path = out_dir / "ckpt.pt"
+    saved_step = step if cfg.resume else None  # the step the checkpoint on disk holds, for this run
+    log = TrainingLog(out_dir / "log.csv", cfg, step, device, model)
+    previews = Previews(cfg, extras)
+    stop = []
+    try:
+        with on_stop_signals(lambda signum, frame: stop.append(signum)):
+            while step < cfg.steps and not stop:
+                rng = rng_states(device)  # the random state at the start of this step, for a checkpoint
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group.update(lr=lr, weight_decay=cfg.weight_decay)
+                with autocast(device):
+                    x0, y = get_batch(images, labels, cfg.batch_size)
+                    loss = get_conditional_loss(model, x0, y, cfg.label_dropout, cfg.time_sampling, log.by_time)
+                check_finite("loss", loss, step, ckpt_path, saved_step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                check_finite("gradient norm", nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip),
+                             step, ckpt_path, saved_step)
+                optimizer.step()
+                update_ema(ema_model, model, step, cfg.ema_decay if cfg.ema else 0.0)
+                step += 1
+                log.step(step, loss.item(), lr)
+                previews.maybe_add(step, lambda: sample_conditional(ema_model, torch.arange(8) % cfg.num_classes,
+                                                                    cfg.cfg_scale, cfg.sample_steps, device=device,
+                                                                    sampler=cfg.sampler))
+                if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+                    save_checkpoint(ckpt_path, cfg, step, parts, rng_states(device), extras)
+                    saved_step = step
+    except KeyboardInterrupt:  # raised inside a step: that step never reached the weights
+        save_checkpoint(ckpt_path, cfg, step, parts, rng, extras)
+        stop.append(signal.SIGINT)
+    finally:
+        log.close()
+    if stop:
+        raise SystemExit(f"interrupted at step {step}: saved {ckpt_path}; add --resume to continue")
+    return ["ckpt.pt", "log.csv"] + previews.save(out_dir / "progress.png") + plot_loss(out_dir / "log.csv",
+                                                                                       out_dir / "loss.png")
 
 
-def load_checkpoint(path):
-    """Read a checkpoint of this script; anything else stops with a clear message."""
-    if not path.exists():
-        raise SystemExit(f"error: no checkpoint at {path}: train first (without --resume/--sample_only)")
+# ----------------------------------------------------------------------------- outputs
+
+def write_outputs(model, cfg, out_dir, device, step):
+    """samples.png, cfg_sweep.png, trajectory.png and .gif, nfe_sweep.png and, with --eval_samples,
+    samples.npz. Returns the names of the files written."""
+    model.eval()
+    wrote = []
+
+    def draw(labels, num_steps=cfg.sample_steps, sampler=cfg.sampler, trajectory=False, cfg_scale=cfg.cfg_scale):
+        torch.manual_seed(cfg.seed)  # the same noise whenever this checkpoint is sampled
+        return sample_conditional(model, labels, cfg_scale, num_steps, device=device, trajectory=trajectory,
+                                  sampler=sampler)
+
+    nfe = cfg.sample_steps * EVALS_PER_STEP[cfg.sampler]
+    per_class = max(1, cfg.num_samples // cfg.num_classes)
+    wrote += save_grid(draw(torch.arange(cfg.num_classes).repeat_interleave(per_class)), out_dir / "samples.png",
+                       ncol=per_class, row_labels=list(map(str, range(cfg.num_classes))),
+                       title=f"{SCRIPT}, step {step}, w={cfg.cfg_scale:g}, {cfg.sample_steps} {cfg.sampler} steps "
+                             f"= {nfe} NFE")
+
+    scales = [0, 1, 2, 3, 4, 6]
+    sweep = [draw(torch.arange(cfg.num_classes), cfg_scale=w) for w in scales]  # the same noise at every scale
+    wrote += save_grid(torch.stack(sweep, dim=1).flatten(0, 1), out_dir / "cfg_sweep.png", ncol=len(scales),
+                       title="guidance scale w", col_labels=[f"w={w}" for w in scales],
+                       row_labels=list(map(str, range(cfg.num_classes))))
+
+    trajectory_labels = torch.arange(8) % cfg.num_classes
+    wrote += save_trajectory(draw(trajectory_labels, trajectory=True), out_dir, cfg,
+                             row_labels=[str(k) for k in trajectory_labels.tolist()])
+    wrote += save_nfe_sweep(lambda num_steps, sampler: draw(torch.arange(4), num_steps, sampler), out_dir, cfg)
+
+    if cfg.eval_samples:  # 500 images at a time, so memory stays small for any N
+        labels = torch.arange(cfg.eval_samples) % cfg.num_classes  # equal numbers of every digit
+        torch.manual_seed(cfg.seed)
+        chunks = [to_uint8(sample_conditional(model, labels[n:n + 500], cfg.cfg_scale, cfg.sample_steps,
+                                              device=device, sampler=cfg.sampler))
+                  for n in range(0, cfg.eval_samples, 500)]
+        wrote += save_npz(out_dir / "samples.npz", images=torch.cat(chunks).numpy(), labels=labels.numpy())
+    return wrote
+
+
+def save_trajectory(states, out_dir, cfg, row_labels=None):
+    """trajectory.png (8 samples at 8 times from t=1 to 0) and trajectory.gif (every step)."""
+    keep = sorted(set(torch.linspace(0, cfg.sample_steps, 8).round().long().tolist()))
+    frames = torch.stack([states[i] for i in keep], dim=1)  # [8 samples, times, C, H, W]
+    return (save_grid(frames.flatten(0, 1), out_dir / "trajectory.png", ncol=len(keep), row_labels=row_labels,
+                      title="noise (t=1) -> data (t=0)", col_labels=[f"t={1 - i / cfg.sample_steps:.2f}" for i in keep])
+            + save_gif(states, out_dir / "trajectory.gif", ncol=4,
+                       titles=[f"t = {1 - i / cfg.sample_steps:.2f}" for i in range(len(states))]))
+
+
+def save_nfe_sweep(draw, out_dir, cfg):
+    """nfe_sweep.png: the same noise at 1, 2, 4, 8, 16 network evaluations and the default,
+    one row of samples per sampler. Also prints how straight the paths are: the mean squared
+    difference between one Euler step (the straight-line guess x1 - v(x1, 1)) and the sample."""
+    nfes = sorted({1, 2, 4, 8, 16, cfg.sample_steps * EVALS_PER_STEP[cfg.sampler]})
+    rows = []
+    for sampler, evals in EVALS_PER_STEP.items():
+        cells = [draw(nfe // evals, sampler) if nfe >= evals else None for nfe in nfes]
+        blank = torch.ones_like(cells[-1])  # Heun cannot run on 1 evaluation: a white cell
+        rows.append(torch.stack([blank if c is None else c for c in cells], dim=1))  # [4, nfes, C, H, W]
+    one_step, final = draw(1, "euler"), draw(cfg.sample_steps, cfg.sampler)
+    print(f"straightness: one Euler step lands {(one_step - final).pow(2).mean():.4f} (mean squared "
+          f"difference) from the {cfg.sampler} sample; 0 would be perfectly straight paths", flush=True)
+    return save_grid(torch.cat(rows).flatten(0, 1), out_dir / "nfe_sweep.png", ncol=len(nfes),
+                     title="network evaluations (NFE)", col_labels=[f"NFE {n}" for n in nfes],
+                     row_labels=[name if i == 0 else "" for name in EVALS_PER_STEP for i in range(len(rows[0]))])
+
+
+class Previews:
+    """progress.png: the same noise, sampled with the EMA model at 6 evenly spaced steps of
+    training, one row each. The rows live in the checkpoint, so a resumed run keeps them."""
+
+    def __init__(self, cfg, extras):
+        self.cfg, self.rows = cfg, extras.setdefault("progress", {})
+        self.at = {round(cfg.steps * k / 6) for k in range(1, 7)}
+
+    def maybe_add(self, step, draw):
+        if step in self.at:
+            with torch.random.fork_rng():  # draws its own noise, and leaves training's random stream alone
+                torch.manual_seed(self.cfg.seed)
+                self.rows[step] = to_uint8(draw())
+
+    def save(self, path):
+        if not self.rows:
+            return []
+        steps = sorted(self.rows)
+        images = torch.cat([self.rows[s] for s in steps]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return save_grid(images, path, ncol=len(images) // len(steps), title="the same noise during training",
+                         row_labels=[f"step {s}" for s in steps])
+
+
+# ----------------------------------------------------------------------------- plumbing
+# Everything below is the machinery around the lesson: the command line and its checks,
+# checkpoints, signals, the training log and drawing pictures. A first read can skip it.
+
+def parse_config(argv=None):
+    """Build Config from the command line: one flag per field, so the CLI cannot drift."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+    parser.error = lambda message: parser.exit(2, f"error: {message} (--help lists every flag)\n")
+    comments = config_comments()
+    for f in dataclasses.fields(Config):
+        text = f"{comments[f.name]} (default: {f.default})".replace("%", "%%")
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(f"--{f.name}", type=finite_float if f.type is float else f.type,
+                                metavar=f.type.__name__.upper(), help=text)
+    given = vars(parser.parse_args(argv))  # only the flags actually typed
+    cfg = Config(**{**(TINY if given.get("tiny") else {}), **given})
+    problems = config_problems(cfg)
+    if problems:
+        parser.error("; ".join(problems))
+    return cfg, given
+
+
+def config_problems(cfg):
+    """Every bad value in cfg, by flag name, so that a run stops before it loads or creates anything."""
+    at_least_1 = ("patch_size", "embed_dim", "depth", "num_heads", "steps", "batch_size", "sample_steps",
+                  "num_samples", "ckpt_every")
+    problems = [f"--{name} must be at least 1" for name in at_least_1 if getattr(cfg, name) < 1]
+    not_negative = ("lr", "weight_decay", "warmup_steps", "eval_samples", "log_every", "cfg_scale")
+    problems += [f"--{name} must not be negative" for name in not_negative if getattr(cfg, name) < 0]
+    if cfg.grad_clip <= 0:
+        problems.append("--grad_clip must be above 0")
+    if not 0 <= cfg.label_dropout <= 1:
+        problems.append("--label_dropout must be in [0, 1]")
+    if cfg.num_classes < 10:
+        problems.append("--num_classes must be at least 10: MNIST has 10 digits")
+    if not 0 <= cfg.ema_decay < 1:
+        problems.append("--ema_decay must be in [0, 1)")
+    if cfg.time_sampling not in ("logit_normal", "uniform"):
+        problems.append("--time_sampling must be logit_normal or uniform")
+    if cfg.sampler not in SAMPLERS:
+        problems.append(f"--sampler must be {' or '.join(SAMPLERS)}")
+    if cfg.mlp_ratio <= 0:
+        problems.append("--mlp_ratio must be above 0")
+    if min(cfg.patch_size, cfg.num_heads) >= 1 and (28 % cfg.patch_size or cfg.embed_dim % 4
+                                                    or cfg.embed_dim % cfg.num_heads):
+        problems.append("--patch_size must divide 28; --embed_dim must divide by 4 and by --num_heads")
+    return problems
+
+
+def finite_float(text):
+    """A float flag's type: nan and inf never reach the math."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+def config_comments():
+    """Each Config field's one-line comment, read from this file, for --help."""
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.MULTILINE))
+
+
+def check_out_dir(out_dir):
+    """--out_dir must be a folder we can create or write to; checked before anything is created."""
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"error: --out_dir {out_dir} cannot be a folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --out_dir {out_dir} is not writable: pass another --out_dir")
+
+
+@contextmanager
+def removed_on_failure(folder):
+    """If the block fails, remove what it created of folder and its parents: a failed download
+    leaves no empty folders behind."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
+
+
+def load_checkpoint(path, flag="--out_dir"):
+    """Read a checkpoint of this script, named by flag; anything else stops with a clear message."""
+    if not path.is_file():
+        raise SystemExit(f"error: no checkpoint at {path}: train first (without --resume/--sample_only), "
+                         f"or pass another {flag}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        raise SystemExit(f"error: {path} is corrupt or not a checkpoint: delete it or use another --out_dir")
+        raise SystemExit(f"error: {path} is corrupt or not a checkpoint: delete it or pass another {flag}")
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         owner = ckpt.get("script", "something else") if isinstance(ckpt, dict) else "something else"
-        raise SystemExit(f"error: {path} was written by {owner}, not {SCRIPT}: use another --out_dir")
+        raise SystemExit(f"error: {path} was written by {owner}, not {SCRIPT}: pass another {flag}")
     return ckpt
+
+
+def config_from_checkpoint(ckpt, given, path):
+    """The checkpoint's settings with the flags typed now on top. Flags that would change the
+    model are refused, by name; so is --resume with no steps left to train."""
+    saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__}
+    cfg = Config(**{**saved, **(TINY if given.get("tiny") else {}), **given})
+    differ = [name for name in MODEL_FIELDS if name in saved and getattr(cfg, name) != saved[name]]
+    if differ:
+        flags = lambda values: " ".join(f"--{name} {values[name]}" for name in differ)  # noqa: E731
+        raise SystemExit(f"error: {path} holds another model: it was trained with {flags(saved)}, not "
+                         f"{flags(vars(cfg))}: drop those flags or use another --out_dir")
+    if cfg.resume and not cfg.sample_only and ckpt["step"] >= cfg.steps:
+        raise SystemExit(f"error: {path} is at step {ckpt['step']} already: pass --steps above "
+                         f"{ckpt['step']} to train on, or --sample_only to sample it")
+    problems = config_problems(cfg)
+    if problems:
+        raise SystemExit(f"error: {'; '.join(problems)}")
+    return cfg
+
+
+def restore(ckpt, parts, device, path):
+    """Load every part (model, EMA, optimizer, ...) and the random state; return the step."""
+    try:
+        for name, part in parts.items():
+            if name in ckpt or not name.endswith("optimizer"):  # an older checkpoint may lack an optimizer
+                part.load_state_dict(ckpt[name])
+    except (RuntimeError, ValueError, KeyError):
+        raise SystemExit(f"error: {path} holds a model of another shape: use another --out_dir")
+    if "rng" in ckpt:  # older checkpoints have none: their resumed runs draw other random numbers
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type != "cpu" and device.type in ckpt["rng"]:
+            getattr(torch, device.type).set_rng_state(ckpt["rng"][device.type])
+    return ckpt["step"]
+
+
+def rng_states(device):
+    """The random generators' states, so that a resumed run draws what the uninterrupted one would."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type != "cpu":
+        states[device.type] = getattr(torch, device.type).get_rng_state()
+    return states
+
+
+def save_checkpoint(path, cfg, step, parts, rng, extras):
+    """The config, the step, the random state, every part's state_dict and the extras, in one file."""
+    state = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "step": step, "rng": rng,
+             **{name: part.state_dict() for name, part in parts.items()}, **extras}
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+def write_atomically(path, write):
+    """write(file) to a temporary file, then rename it to path: a crash or a full disk never
+    leaves half a file, and the file that was there stays intact. Returns [path's name]."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: could not write {path} ({error.strerror or error}): free some disk space "
+                         f"or pass another --out_dir; the previous {path.name} is intact")
+    return [path.name]
+
+
+def save_npz(path, **arrays):
+    return write_atomically(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+@contextmanager
+def on_stop_signals(handler):
+    """Inside, Ctrl-C (SIGINT) and SIGTERM (a closed laptop lid, a cluster's time limit) call handler."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+@contextmanager
+def one_line_errors():
+    """Ctrl-C outside the training loop, or a disk that fails us: one line, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: --resume or --sample_only goes on from the last checkpoint, if any")
+    except OSError as error:
+        raise SystemExit(f"error: {error}")
+
+
+def check_finite(what, value, step, ckpt_path, saved_step):
+    """Stop, before the weights change, when the loss or the gradient norm is nan or inf."""
+    if not torch.isfinite(value):
+        kept = (f"{ckpt_path} keeps step {saved_step}: try a lower --lr, then --resume" if saved_step is not None
+                else "no checkpoint of this run was written yet: try a lower --lr")
+        raise SystemExit(f"error: {what} became {value.item()} at step {step}; {kept}")
+
+
+class TrainingLog:
+    """A progress line every cfg.log_every seconds, and the same numbers in log.csv: step, loss,
+    lr, images/s, and the mean loss in ten bins of t, to see where on the path learning is hard."""
+
+    def __init__(self, path, cfg, step, device, model):
+        self.cfg, self.first_step, self.last_step = cfg, step, step
+        self.file = open(path, "a" if cfg.resume else "w", newline="")
+        self.csv = csv.writer(self.file)
+        if self.file.tell() == 0:  # a new file, also when a resume finds none
+            self.csv.writerow(["step", "loss", "lr", "images_per_s"]
+                              + [f"loss_t{k / 10:.1f}-{(k + 1) / 10:.1f}" for k in range(10)])
+        self.by_time, self.losses = [], []  # the loss function fills by_time with (t, loss per image)
+        self.start = self.last = time.time()
+        print(f"training {SCRIPT}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"steps {step}->{cfg.steps}, batch {cfg.batch_size}, on {device} "
+              f"({'bf16 autocast' if uses_bf16(device) else 'float32'})", flush=True)
+
+    def step(self, step, loss, lr):
+        self.losses.append(loss)
+        now = time.time()
+        if now - self.last < self.cfg.log_every and step not in (self.cfg.steps, self.first_step + 10):
+            return
+        speed = (step - self.last_step) * self.cfg.batch_size / (now - self.last)
+        eta = (self.cfg.steps - step) * self.cfg.batch_size / speed
+        loss = sum(self.losses) / len(self.losses)
+        print(f"step {step:>6}/{self.cfg.steps} | loss {loss:.4f} | {speed:6.0f} img/s | "
+              f"{format_time(now - self.start)} elapsed | ETA {format_time(eta)}", flush=True)
+        records = self.by_time or [(torch.zeros(0), torch.zeros(0))]  # (t, loss per image) from the loss function
+        t, loss_per_image = (torch.cat(column).float().cpu() for column in zip(*records))
+        bins = (t * 10).long().clamp(0, 9)
+        by_bin = [f"{loss_per_image[bins == k].mean():.5f}" if (bins == k).any() else "" for k in range(10)]
+        self.csv.writerow([step, f"{loss:.5f}", f"{lr:.3g}", f"{speed:.1f}", *by_bin])
+        self.file.flush()
+        self.last, self.last_step, self.losses, self.by_time[:] = now, step, [], []
+
+    def close(self):
+        self.file.close()
 
 
 def format_time(seconds):
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def train(model, ema_model, optimizer, images, labels, cfg, out_dir, start_step, device):
-    """The training loop: progress lines, log.csv, checkpoints, Ctrl-C and NaN handling."""
-    ckpt_path = out_dir / "ckpt.pt"
-    log_file = open(out_dir / "log.csv", "a" if start_step else "w", newline="")
-    log = csv.writer(log_file)
-    if not start_step:
-        log.writerow(["step", "loss", "lr", "images_per_s"])
-    print(f"training {SCRIPT}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"steps {start_step}->{cfg.steps}, batch {cfg.batch_size}, on {device}", flush=True)
-    t_start = t_last = time.time()
-    loss_sum, loss_count, step_last = 0.0, 0, start_step
-    step = start_step
-    try:
-        while step < cfg.steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device):
-                x0, y = get_batch(images, labels, cfg.batch_size)
-                loss = get_conditional_loss(model, x0, y, cfg.label_dropout, cfg.time_sampling)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: loss became {loss.item()} at step {step}; {ckpt_path} keeps "
-                                 f"the last good state: try a lower --lr, then --resume")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            update_ema(ema_model, model, step, cfg.ema_decay if cfg.ema else 0.0)
-            step += 1
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-
-            now = time.time()
-            if now - t_last >= cfg.log_every or step == cfg.steps or step == start_step + 10:
-                speed = (step - step_last) * cfg.batch_size / (now - t_last)
-                eta = (cfg.steps - step) * cfg.batch_size / speed
-                print(f"step {step:>6}/{cfg.steps} | loss {loss_sum / loss_count:.4f} | "
-                      f"{speed:6.0f} img/s | {format_time(now - t_start)} elapsed | "
-                      f"ETA {format_time(eta)}", flush=True)
-                log.writerow([step, f"{loss_sum / loss_count:.5f}", f"{lr:.3g}", f"{speed:.1f}"])
-                log_file.flush()
-                t_last, step_last, loss_sum, loss_count = now, step, 0.0, 0
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save_checkpoint(ckpt_path, model, ema_model, optimizer, cfg, step)
-    except KeyboardInterrupt:
-        save_checkpoint(ckpt_path, model, ema_model, optimizer, cfg, step)
-        raise SystemExit(f"\ninterrupted at step {step}: saved {ckpt_path}; add --resume to continue")
-    finally:
-        log_file.close()
+FONT = ImageFont.load_default(size=12)  # Pillow's own font, at a size where spaces show
 
 
-# ----------------------------------------------------------------------------- outputs
+def fit(text, width):
+    """text, cut to at most width pixels: a 500-word prompt never makes a huge picture."""
+    text = text[:max(0, int(width) // 3)]
+    while text and FONT.getlength(text) > width:
+        text = text[:-2] + "…"
+    return text
+
 
 def to_uint8(images):
     """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C]."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def save_grid(images, path, ncol, title="", col_labels=None, row_labels=None, scale=2):
-    """Save images [N, C, H, W] in [-1, 1] as a grid PNG with a title, column and row labels."""
+def grid_image(images, ncol, title="", col_labels=None, row_labels=None, scale=2):
+    """Images [N, C, H, W] in [-1, 1] as one picture: a grid with a title, column and row labels."""
     pixels = to_uint8(images).numpy()
     n, h, w, c = pixels.shape
     nrow = math.ceil(n / ncol)
-    header = 14 + (12 if col_labels else 0)
-    margin = 6 * max(map(len, row_labels)) + 10 if row_labels else 0
     grid = np.full((nrow * (h + 2), ncol * (w + 2), c), 255, np.uint8)
     for i, img in enumerate(pixels):
         r, k = divmod(i, ncol)
         grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, k * (w + 2) + 1:k * (w + 2) + 1 + w] = img
     picture = Image.fromarray(grid.squeeze(-1) if c == 1 else grid).convert("RGB")
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    canvas = Image.new("RGB", (margin + picture.width, picture.height + header), "white")
-    canvas.paste(picture, (margin, header))
+    cell_w, cell_h = (w + 2) * scale, (h + 2) * scale
+    header = 18 + (16 if col_labels else 0)
+    margin = min(240, max(FONT.getlength(label) for label in row_labels) + 8) if any(row_labels or []) else 0
+    width = max(margin + picture.width, min(FONT.getlength(title) + 8, 800))
+    canvas = Image.new("RGB", (int(width), picture.height + header), "white")
+    canvas.paste(picture, (int(margin), header))
     draw = ImageDraw.Draw(canvas)
-    draw.text((2, 1), title, fill="black")
+    draw.text((4, 2), fit(title, width - 8), fill="black", font=FONT)
     for k, label in enumerate(col_labels or []):
-        draw.text((margin + k * (w + 2) * scale + 2, 13), label, fill="black")
+        draw.text((margin + k * cell_w + 2, 18), fit(label, cell_w - 4), fill="black", font=FONT)
     for r, label in enumerate(row_labels or []):
-        draw.text((2, header + r * (h + 2) * scale + h * scale // 2 - 5), label, fill="black")
-    canvas.save(path)
+        draw.text((4, header + r * cell_h + cell_h // 2 - 7), fit(label, margin - 8), fill="black", font=FONT)
+    return canvas
 
 
-def write_outputs(model, cfg, out_dir, device, step):
-    """samples.png, cfg_sweep.png, trajectory.png and, with --eval_samples, samples.npz."""
-    model.eval()
-    torch.manual_seed(cfg.seed)  # the same noise whenever this checkpoint is sampled
-    per_class = max(1, cfg.num_samples // cfg.num_classes)
-    images = sample_each_class(model, per_class, cfg.cfg_scale, cfg.sample_steps, device=device)
-    save_grid(images, out_dir / "samples.png", ncol=per_class, row_labels=list(map(str, range(cfg.num_classes))),
-              title=f"{SCRIPT}, step {step}, w={cfg.cfg_scale:g}")
+def save_grid(images, path, ncol, title="", col_labels=None, row_labels=None, scale=2):
+    """Save images [N, C, H, W] in [-1, 1] as a grid PNG (see grid_image); returns [path's name]."""
+    canvas = grid_image(images, ncol, title, col_labels, row_labels, scale)
+    return write_atomically(path, lambda f: canvas.save(f, format="PNG"))
 
-    scales = [0, 1, 2, 3, 4, 6]
-    sweep = []
-    for w in scales:
-        torch.manual_seed(cfg.seed)  # the same noise at every scale
-        sweep.append(sample_conditional(model, torch.arange(cfg.num_classes), w, cfg.sample_steps, device=device))
-    save_grid(torch.stack(sweep, dim=1).flatten(0, 1), out_dir / "cfg_sweep.png", ncol=len(scales),
-              title="guidance scale w", col_labels=[f"w={w}" for w in scales],
-              row_labels=list(map(str, range(cfg.num_classes))))
 
-    states = sample_conditional(model, torch.arange(8) % cfg.num_classes, cfg.cfg_scale, cfg.sample_steps,
-                                device=device, trajectory=True)
-    keep = torch.linspace(0, cfg.sample_steps, 8).round().long().tolist()
-    frames = torch.stack([states[i] for i in keep], dim=1)  # [8 samples, 8 times, C, H, W]
-    save_grid(frames.flatten(0, 1), out_dir / "trajectory.png", ncol=len(keep),
-              title="noise (t=1) -> data (t=0)", col_labels=[f"t={1 - i / cfg.sample_steps:.2f}" for i in keep])
+def save_gif(states, path, ncol, titles):
+    """An animated GIF, one frame per state [N, C, H, W], holding the last frame for 2 seconds."""
+    frames = [grid_image(x, ncol, title) for x, title in zip(states, titles)]
+    durations = [80] * (len(frames) - 1) + [2000]
+    return write_atomically(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                                            duration=durations, loop=0))
 
-    if cfg.eval_samples:  # 500 images at a time, so memory stays small for any N
-        labels = torch.arange(cfg.eval_samples) % cfg.num_classes  # equal numbers of every digit
-        chunks = [sample_conditional(model, labels[n:n + 500], cfg.cfg_scale, cfg.sample_steps, device=device)
-                  for n in range(0, cfg.eval_samples, 500)]
-        np.savez_compressed(out_dir / "samples.npz", images=to_uint8(torch.cat(chunks)).numpy(),
-                            labels=labels.numpy())
-    print(f"wrote {', '.join(sorted(p.name for p in out_dir.iterdir() if p.suffix in ('.png', '.npz')))} "
-          f"to {out_dir}", flush=True)
+
+def plot_loss(log_path, path):
+    """loss.png from log.csv: the training loss against step, and the loss in each bin of t over
+    the second half of training (where on the path the flow is hard to learn)."""
+    with open(log_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    bins = [name for name in rows[0] if name.startswith("loss_t")] if rows else []
+    late = rows[len(rows) // 2:]
+    by_time = [np.mean([float(r[b]) for r in late if r[b]] or [0.0]) for b in bins]
+    canvas = Image.new("RGB", (760, 260), "white")
+    draw = ImageDraw.Draw(canvas)
+    chart(draw, (50, 30, 360, 220), [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows],
+          "training loss", "step")
+    chart(draw, (430, 30, 740, 220), list(range(len(bins))), by_time, "loss by t (second half of training)",
+          "t = 0 (data) ... 1 (noise)", bars=True)
+    return write_atomically(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def chart(draw, box, xs, ys, title, x_label, bars=False):
+    """A minimal line or bar chart of ys against xs inside box (left, top, right, bottom)."""
+    left, top, right, bottom = box
+    draw.rectangle(box, outline="black")
+    draw.text((left, top - 18), title, fill="black", font=FONT)
+    draw.text((left, bottom + 6), x_label, fill="black", font=FONT)
+    if not ys:
+        return
+    low, high = min(0.0, min(ys)), max(ys) or 1.0
+    draw.text((left - 46, top - 6), f"{high:.3g}", fill="black", font=FONT)
+    draw.text((left - 46, bottom - 8), f"{low:.3g}", fill="black", font=FONT)
+    x_at = lambda x: left + (right - left) * (x - xs[0] + bars * 0.5) / (max(xs[-1] - xs[0], 1) + bars)  # noqa: E731
+    y_at = lambda y: bottom - (bottom - top) * (y - low) / (high - low or 1)  # noqa: E731
+    if bars:
+        width = (right - left) / (len(xs) + 1) * 0.8
+        for x, y in zip(xs, ys):
+            draw.rectangle((x_at(x) - width / 2, y_at(y), x_at(x) + width / 2, bottom), fill="steelblue")
+    else:
+        draw.line([(x_at(x), y_at(y)) for x, y in zip(xs, ys)], fill="steelblue", width=2)
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     cfg, given = parse_config(argv)
-    out_dir = Path(cfg.out_dir or Path("out") / SCRIPT)
-    ckpt = None
-    if cfg.resume or cfg.sample_only:
-        ckpt = load_checkpoint(out_dir / "ckpt.pt")
-        # keep the checkpoint's settings (its model size above all), except flags typed now
-        cfg = Config(**{**ckpt["config"], **(TINY if given.get("tiny") else {}), **given})
-    device = pick_device(cfg.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    with on_stop_signals(signal.default_int_handler), one_line_errors():  # SIGTERM acts like Ctrl-C
+        out_dir = Path(cfg.out_dir or Path("out") / SCRIPT)
+        check_out_dir(out_dir)
+        ckpt = None
+        if cfg.resume or cfg.sample_only:
+            ckpt = load_checkpoint(out_dir / "ckpt.pt")
+            cfg = config_from_checkpoint(ckpt, given, out_dir / "ckpt.pt")
+        device = get_device(cfg.device)
+        torch.manual_seed(cfg.seed)
 
-    model = build_model(cfg).to(device)
-    ema_model = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = 0
-    if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema_model.load_state_dict(ckpt["ema"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError):
-            flags = " ".join(f"--{k} {v}" for k, v in ckpt["config"].items()
-                             if k in given and given[k] != v)
-            raise SystemExit(f"error: {out_dir / 'ckpt.pt'} holds a model of another shape (it was trained "
-                             f"with {flags or 'other settings'}): drop those flags or use another --out_dir")
-        step = ckpt["step"]
-    if not cfg.sample_only:
-        images, labels = load_mnist(cfg.data_dir, device)
-        train(model, ema_model, optimizer, images, labels, cfg, out_dir, step, device)
-        step = max(step, cfg.steps)
-    write_outputs(ema_model, cfg, out_dir, device, step)
+        model = build_model(cfg).to(device)
+        ema_model = copy.deepcopy(model).requires_grad_(False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        parts = dict(model=model, ema=ema_model, optimizer=optimizer)  # what a checkpoint holds
+        extras, step, wrote = {"progress": {}}, 0, []  # beside the parts: the progress.png rows so far
+        if ckpt:
+            step = restore(ckpt, parts, device, out_dir / "ckpt.pt")
+            extras = {name: ckpt.get(name, value) for name, value in extras.items()}
+        if not cfg.sample_only:
+            images, labels = load_mnist(cfg.data_dir, device)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            wrote += train(model, ema_model, optimizer, images, labels, cfg, out_dir, step, device, parts, extras)
+            step = cfg.steps
+        wrote += write_outputs(ema_model, cfg, out_dir, device, step)
+        print(f"wrote {', '.join(wrote)} to {out_dir}", flush=True)
 
 
 if __name__ == "__main__":
