@@ -12,6 +12,8 @@ What this step adds
     w = 0 is unconditional, w = 1 the plain conditional model, w > 1 pushes samples
     further towards what makes them "a 7". Both halves run in one batched forward pass, so
     one guided evaluation counts as one NFE (of a batch twice as large).
+    Knowing the digit makes the flow almost straight: 4 Heun steps (7 NFE) draw digits as
+    good as 50 Euler steps, 6 times faster (see README, "How many steps?").
 
 Run it
     python 03_class_cfg.py                      # full run (downloads MNIST to ./data)
@@ -78,8 +80,8 @@ class Config:
     time_sampling: str = "logit_normal"  # how training picks t: "logit_normal" or "uniform"
     label_dropout: float = 0.1  # chance that a training label becomes the null class (for CFG)
     # sampling
-    sampler: str = "euler"  # "euler" (4) or "heun" (4b)
-    sample_steps: int = 50  # sampler steps from t=1 to t=0 (Heun costs 2 network evaluations a step)
+    sampler: str = "heun"  # "euler" (4) or "heun" (4b)
+    sample_steps: int = 4  # sampler steps from t=1 to t=0 (N Heun steps cost 2N - 1 network evaluations)
     num_samples: int = 80  # images in samples.png, one row per digit
     cfg_scale: float = 2.0  # guidance w in eq. (5): 0 unconditional, 1 conditional, >1 guided
     eval_samples: int = 0  # if > 0, also write this many samples to samples.npz
@@ -371,20 +373,24 @@ def euler_sample(velocity, x, num_steps, trajectory=True):
 @torch.no_grad()
 def heun_sample(velocity, x, num_steps, trajectory=True):
     """The same integration with Heun's method, eq. (4b): an Euler step to t_next, then the
-    step again with the average of the velocities at t and at t_next. Two evaluations a step."""
+    step again with the average of the velocities at t and at t_next. The last step, to t = 0,
+    stays an Euler step (as in Karras et al. 2022): training hardly ever draws t near 0, so the
+    velocity there is the least reliable, and N steps cost 2N - 1 evaluations."""
     ts = torch.linspace(1, 0, num_steps + 1, device=x.device)
     states = [x]
     for t, t_next in zip(ts[:-1], ts[1:]):
         v = velocity(x, t.expand(len(x)))
         x_euler = x + (t_next - t) * v
-        v_next = velocity(x_euler, t_next.expand(len(x)))
-        x = x + (t_next - t) * (v + v_next) / 2
+        if t_next > 0:
+            v_next = velocity(x_euler, t_next.expand(len(x)))
+            x_euler = x + (t_next - t) * (v + v_next) / 2
+        x = x_euler
         states = states + [x] if trajectory else [x]
     return states
 
 
 SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
-EVALS_PER_STEP = {"euler": 1, "heun": 2}  # network evaluations (NFE) per step: the real cost
+NFE = {"euler": lambda steps: steps, "heun": lambda steps: 2 * steps - 1}  # network evaluations: the real cost
 
 
 def guided_velocity(model, x, t, labels, cfg_scale):
@@ -500,7 +506,7 @@ def write_outputs(model, cfg, out_dir, device, step):
         return sample_conditional(model, labels, cfg_scale, num_steps, device=device, trajectory=trajectory,
                                   sampler=sampler)
 
-    nfe = cfg.sample_steps * EVALS_PER_STEP[cfg.sampler]
+    nfe = NFE[cfg.sampler](cfg.sample_steps)
     per_class = max(1, cfg.num_samples // cfg.num_classes)
     wrote += save_grid(draw(torch.arange(cfg.num_classes).repeat_interleave(per_class)), out_dir / "samples.png",
                        ncol=per_class, row_labels=list(map(str, range(cfg.num_classes))),
@@ -529,31 +535,31 @@ def write_outputs(model, cfg, out_dir, device, step):
 
 
 def save_trajectory(states, out_dir, cfg, row_labels=None):
-    """trajectory.png (8 samples at 8 times from t=1 to 0) and trajectory.gif (every step)."""
+    """trajectory.png (8 samples at 8 times from t=1 to 0) and trajectory.gif (up to 20 frames)."""
     keep = sorted(set(torch.linspace(0, cfg.sample_steps, 8).round().long().tolist()))
     frames = torch.stack([states[i] for i in keep], dim=1)  # [8 samples, times, C, H, W]
+    animate = sorted(set(torch.linspace(0, cfg.sample_steps, 20).round().long().tolist()))
     return (save_grid(frames.flatten(0, 1), out_dir / "trajectory.png", ncol=len(keep), row_labels=row_labels,
                       title="noise (t=1) -> data (t=0)", col_labels=[f"t={1 - i / cfg.sample_steps:.2f}" for i in keep])
-            + save_gif(states, out_dir / "trajectory.gif", ncol=4,
-                       titles=[f"t = {1 - i / cfg.sample_steps:.2f}" for i in range(len(states))]))
+            + save_gif([states[i] for i in animate], out_dir / "trajectory.gif", ncol=4,
+                       titles=[f"t = {1 - i / cfg.sample_steps:.2f}" for i in animate]))
 
 
 def save_nfe_sweep(draw, out_dir, cfg):
-    """nfe_sweep.png: the same noise at 1, 2, 4, 8, 16 network evaluations and the default,
-    one row of samples per sampler. Also prints how straight the paths are: the mean squared
-    difference between one Euler step (the straight-line guess x1 - v(x1, 1)) and the sample."""
-    nfes = sorted({1, 2, 4, 8, 16, cfg.sample_steps * EVALS_PER_STEP[cfg.sampler]})
+    """nfe_sweep.png: the same noise with at most 1, 2, 4, 8, 16 network evaluations and the
+    default's, one block of rows per sampler. Also prints how straight the paths are: the mean
+    squared difference between one Euler step (the straight-line guess x1 - v(x1, 1)) and the sample."""
+    nfes = sorted({1, 2, 4, 8, 16, NFE[cfg.sampler](cfg.sample_steps)})
     rows = []
-    for sampler, evals in EVALS_PER_STEP.items():
-        cells = [draw(nfe // evals, sampler) if nfe >= evals else None for nfe in nfes]
-        blank = torch.ones_like(cells[-1])  # Heun cannot run on 1 evaluation: a white cell
-        rows.append(torch.stack([blank if c is None else c for c in cells], dim=1))  # [4, nfes, C, H, W]
+    for sampler, cost in NFE.items():
+        steps = [max(s for s in range(1, n + 1) if cost(s) <= n) for n in nfes]  # the most steps within n
+        rows.append(torch.stack([draw(s, sampler) for s in steps], dim=1))  # [4, nfes, C, H, W]
     one_step, final = draw(1, "euler"), draw(cfg.sample_steps, cfg.sampler)
     print(f"straightness: one Euler step lands {(one_step - final).pow(2).mean():.4f} (mean squared "
           f"difference) from the {cfg.sampler} sample; 0 would be perfectly straight paths", flush=True)
     return save_grid(torch.cat(rows).flatten(0, 1), out_dir / "nfe_sweep.png", ncol=len(nfes),
-                     title="network evaluations (NFE)", col_labels=[f"NFE {n}" for n in nfes],
-                     row_labels=[name if i == 0 else "" for name in EVALS_PER_STEP for i in range(len(rows[0]))])
+                     title="at most this many network evaluations (NFE)", col_labels=[f"NFE {n}" for n in nfes],
+                     row_labels=[name if i == 0 else "" for name in NFE for i in range(len(rows[0]))])
 
 
 class Previews:
@@ -874,9 +880,10 @@ def save_grid(images, path, ncol, title="", col_labels=None, row_labels=None, sc
 
 
 def save_gif(states, path, ncol, titles):
-    """An animated GIF, one frame per state [N, C, H, W], holding the last frame for 2 seconds."""
-    frames = [grid_image(x, ncol, title) for x, title in zip(states, titles)]
-    durations = [80] * (len(frames) - 1) + [2000]
+    """An animated GIF, one frame per state [N, C, H, W], holding the last frame for 2 seconds.
+    Each frame gets its own 128 colours, without dithering: noise compresses badly enough."""
+    frames = [grid_image(x, ncol, title).quantize(128, dither=Image.Dither.NONE) for x, title in zip(states, titles)]
+    durations = [150] * (len(frames) - 1) + [2000]
     return write_atomically(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                             duration=durations, loop=0))
 
