@@ -72,7 +72,7 @@ class Config:
     # training
     steps: int = 2800  # optimizer steps
     batch_size: int = 64  # images per step
-    lr: float = 1e-3  # peak learning rate
+    lr: float = 1e-3  # learning rate, after a linear warmup
     warmup_steps: int = 100  # linear warmup from 0 to lr, then constant
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the gradient norm to this

@@ -91,7 +91,7 @@ class Config:
     # training, stage 1: the VAE
     vae_steps: int = 1500  # VAE optimizer steps
     vae_batch_size: int = 64  # images per VAE step
-    vae_lr: float = 1e-3  # VAE peak learning rate (the same warmup and schedule as stage 2)
+    vae_lr: float = 1e-3  # VAE learning rate (the same warmup as stage 2)
     vae_weight_decay: float = 0.01  # AdamW weight decay of the VAE
     kl_weight: float = 1e-5  # weight of the KL term (7) in the VAE loss: small, as in Stable Diffusion
     vae_test_images: int = 1000  # held out of training, to measure the VAE's reconstructions (PSNR)
@@ -99,7 +99,7 @@ class Config:
     # training, stage 2: the flow on latents
     steps: int = 6000  # optimizer steps (about 16 minutes on a 2-core CPU)
     batch_size: int = 128  # latents per step (twice step 4's: latent steps are cheap, bigger ones use the CPU better)
-    lr: float = 1e-3  # peak learning rate
+    lr: float = 1e-3  # learning rate, after a linear warmup
     warmup_steps: int = 100  # linear warmup from 0 to lr, then constant
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the gradient norm to this
