@@ -13,8 +13,9 @@ What this step adds
     Text dropout: a training caption becomes the empty prompt "" with probability 0.1; the
     empty prompt's embedding is then the unconditional half of CFG (5).
     The captions are encoded once, before training: the text encoder never runs per batch.
-    The data is CIFAR-10 (32x32 colour photos) with captions "a photo of an airplane", ...,
-    or your own folder of images in class sub-folders, whose names become the captions.
+    The data is CIFAR-10 (32x32 colour photos), or your own folder of images in class sub-folders.
+    A caption that only names the class would teach the network ten keys and no words, so each
+    image's caption also names its colour, read from the image itself: "a photo of a red car".
 
 Run it
     python 04_text_clip_cifar.py                      # full run (downloads CIFAR-10 and CLIP)
@@ -71,6 +72,7 @@ class Config:
     data_dir: str = "./data"  # CIFAR-10 is downloaded here when missing; or a folder of class sub-folders
     img_size: int = 32  # images are resized and center-cropped to this (CIFAR-10 is 32x32)
     train_images: int = 0  # train on this many images, picked at random; 0 = all of them
+    captions: str = "colour"  # "colour": "a photo of a red car", the colour read from each image; "class": no colour
     out_dir: str = ""  # where outputs go; empty means out/<script name>
     # model
     text_encoder: str = "openai/clip-vit-base-patch32"  # frozen; a hub id or a local folder, CLIP or not
@@ -93,7 +95,7 @@ class Config:
     # sampling
     sampler: str = "euler"  # "euler" (4) or "heun" (4b)
     sample_steps: int = 50  # sampler steps from t=1 to t=0 (N Heun steps cost 2N - 1 network evaluations)
-    prompts: tuple = ()  # what samples.png draws, e.g. --prompts "a photo of a cat" "a red car"; () = the captions
+    prompts: tuple = ()  # what samples.png draws, e.g. --prompts "a photo of a cat" "a red car"; () = one per class
     num_samples: int = 80  # images in samples.png, one row per prompt
     cfg_scale: float = 7.5  # guidance w in eq. (5): 0 unconditional, 1 conditional, >1 guided
     eval_samples: int = 0  # if > 0, also write this many samples to samples.npz
@@ -162,9 +164,47 @@ def make_cifar10_captions(labels):
     return [make_caption(CIFAR10_CLASSES[int(label)]) for label in labels]
 
 
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "brown", "white", "gray", "black")
+HUE_EDGES = torch.tensor([15.0, 40, 70, 165, 260, 330])  # degrees: red|orange|yellow|green|blue|purple|red
+
+
+def colour_of(image):
+    """The colour of the object in a uint8 image [S, S, 3], or None where the rule is unsure.
+
+    CIFAR-10 objects sit in the middle, so only the central half of each side counts. Each of its
+    pixels is named from hue, saturation and brightness (HSV, all in [0, 1]): too dark is black,
+    too grey is white or gray, anything else by its hue, with dark orange called brown. The image
+    gets the most common name if at least 40% of the centre has it, else none."""
+    s = image.shape[0]
+    centre = np.ascontiguousarray(image[s // 4:s - s // 4, s // 4:s - s // 4])
+    hue, sat, value = torch.from_numpy(np.array(Image.fromarray(centre).convert("HSV"))).float().div(255).unbind(-1)
+    name = torch.tensor([0, 1, 2, 3, 4, 5, 0])[torch.bucketize(hue * 360, HUE_EDGES)]  # the hue's name
+    name = torch.where((name == 1) & (value < 0.6), 6, name)  # dark orange is brown
+    name = torch.where(sat < 0.2, torch.where(value > 0.75, 7, 8), name)  # no colour: white or gray
+    name = torch.where(value < 0.2, 9, name)  # too dark to have a hue: black
+    counts = name.flatten().bincount(minlength=len(COLOURS))
+    return COLOURS[counts.argmax()] if counts.max() >= 0.4 * name.numel() else None
+
+
+def describe(image, class_name, captions):
+    """One image's training caption: "a photo of a red car" with --captions colour, except where
+    colour_of is unsure or the class name has a colour already (red_car); "a photo of a car" with class."""
+    colour = colour_of(image) if captions == "colour" else None
+    if colour is None or any(word in COLOURS for word in class_name.split("_")):
+        return make_caption(class_name)
+    return make_caption(f"{colour} {class_name}")
+
+
+def class_named_in(prompt, classes):
+    """The index of the class that a prompt names ("a photo of a red cat" -> cat's), -1 if none."""
+    words = " " + " ".join(re.findall(r"[a-z0-9]+", prompt.lower())) + " "
+    named = [i for i, name in enumerate(classes) if f" {name.replace('_', ' ').lower()} " in words]
+    return named[0] if named else -1
+
+
 def open_dataset(data_dir, transform):
     """data_dir as a folder of images in class sub-folders, or CIFAR-10 there (downloaded into
-    it when it holds nothing else). Returns the dataset and one caption per class."""
+    it when it holds nothing else). Returns the dataset and its class names."""
     root = Path(data_dir)
     if root.exists() and not root.is_dir():
         raise SystemExit(f"error: --data_dir {root} is a file: pass a folder")
@@ -181,14 +221,14 @@ def open_dataset(data_dir, transform):
                 f"error: CIFAR-10 is not in {data_dir} and could not be downloaded: put cifar-10-python.tar.gz "
                 f"in {data_dir}, or pass --data_dir a folder of images in class sub-folders (cat/1.jpg, ...)")
     try:
-        return CIFAR10(data_dir, train=True, transform=transform), make_cifar10_captions(range(10))
+        return CIFAR10(data_dir, train=True, transform=transform), list(CIFAR10_CLASSES)
     except Exception:
         raise SystemExit(f"error: the CIFAR-10 files in {root / 'cifar-10-batches-py'} are corrupt or incomplete: "
                          f"delete them to download them again")
 
 
 def open_image_folder(root, transform):
-    """root/<class name>/<image>: torchvision's ImageFolder, with one caption per class folder."""
+    """root/<class name>/<image>: torchvision's ImageFolder, and its class names."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if "train" in classes and set(classes) <= {"train", "test", "val", "valid"}:
         raise SystemExit(f"error: {root} holds the splits {', '.join(classes)}, not classes: "
@@ -199,22 +239,27 @@ def open_image_folder(root, transform):
         folder = ImageFolder(root, transform=transform)
     except FileNotFoundError as error:  # a class folder with no image in it
         raise SystemExit(f"error: {root}: {error}")
-    return folder, [make_caption(name) for name in folder.classes]
+    return folder, folder.classes
 
 
-def load_images(data_dir, img_size, device, train_images=0):
-    """The training images as one uint8 tensor [N, 3, S, S] on the device, their labels [N]
-    and one caption per class; train_images > 0 picks that many at random.
+def load_images(data_dir, img_size, device, train_images=0, captions="colour"):
+    """The training images as one uint8 tensor [N, 3, S, S] on the device, the index of each
+    one's caption [N], the distinct captions (see describe) and the class names; train_images > 0
+    picks that many at random.
 
     The images are decoded once, so batches are drawn by index: no DataLoader, no per-image work.
     """
     resize = transforms.Compose([transforms.Resize(img_size), transforms.CenterCrop(img_size)])
-    dataset, captions = open_dataset(data_dir, resize)
+    dataset, classes = open_dataset(data_dir, resize)
     picked = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:train_images or None]
-    print(f"decoding {len(picked)} images of {len(captions)} classes ...", flush=True)
+    print(f"decoding {len(picked)} images of {len(classes)} classes ...", flush=True)
     images = torch.stack([decode(dataset, i) for i in picked.sort().values.tolist()])
-    labels = torch.tensor(dataset.targets)[picked.sort().values]
-    return images.permute(0, 3, 1, 2).to(device), labels.to(device), captions
+    class_labels = torch.tensor(dataset.targets)[picked.sort().values]
+    texts = [describe(image.numpy(), classes[label], captions) for image, label in zip(images, class_labels)]
+    distinct = sorted(set(texts))
+    labels = torch.tensor([distinct.index(text) for text in texts])
+    print(f"{len(distinct)} distinct captions, e.g. {distinct[len(distinct) // 2]!r}", flush=True)
+    return images.permute(0, 3, 1, 2).to(device), labels.to(device), distinct, classes
 
 
 def decode(dataset, i):
@@ -628,9 +673,9 @@ def update_ema(ema_model, model, step, decay):
 def train(model, ema_model, optimizer, images, labels, text_encoder, cfg, out_dir, step, device, parts, extras):
     """The training loop, from step to cfg.steps. Ctrl-C and SIGTERM stop it between two steps
     with a checkpoint; a non-finite loss or gradient stops it before it touches the weights."""
-    # the class captions and the empty prompt, encoded once: the encoder never runs per batch
-    captions = extras["captions"]
-    text_embeddings, text_mask = encode_prompts(text_encoder, captions, device)
+    # the training captions and the empty prompt, encoded once: the encoder never runs per batch
+    text_embeddings, text_mask = encode_prompts(text_encoder, extras["captions"], device)
+    preview_prompts = [make_caption(extras["classes"][i % len(extras["classes"])]) for i in range(8)]
     ckpt_path = out_dir / "ckpt.pt"
     saved_step = step if cfg.resume else None  # the step the checkpoint on disk holds, for this run
     log = TrainingLog(out_dir / "log.csv", cfg, step, device, model)
@@ -657,7 +702,7 @@ def train(model, ema_model, optimizer, images, labels, text_encoder, cfg, out_di
                 step += 1
                 log.step(step, loss.item(), lr)
                 previews.maybe_add(step, lambda: sample_text_conditional(
-                    ema_model, text_encoder, [captions[i % len(captions)] for i in range(8)],
+                    ema_model, text_encoder, preview_prompts,
                     (3, cfg.img_size, cfg.img_size), cfg.sample_steps, cfg.cfg_scale, device, sampler=cfg.sampler))
                 if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
                     save_checkpoint(ckpt_path, cfg, step, parts, rng_states(device), extras)
@@ -671,6 +716,44 @@ def train(model, ema_model, optimizer, images, labels, text_encoder, cfg, out_di
         raise SystemExit(f"interrupted at step {step}: saved {ckpt_path}; add --resume to continue")
     return ["ckpt.pt", "log.csv"] + previews.save(out_dir / "progress.png") + plot_loss(out_dir / "log.csv",
                                                                                        out_dir / "loss.png")
+
+
+class TextConditionalTrainer:
+    """Seed 002's notebook interface, a thin layer over this script's loss and optimizer:
+    train(num_epochs) runs over a DataLoader of (images in [-1, 1], labels), captions each batch
+    with caption_fn(labels) and returns the mean loss of each epoch. main() does not use it: its
+    loop adds the EMA, the log, checkpoints and signals. In step 5, the loader yields latents."""
+
+    def __init__(self, model, text_encoder, dataloader, caption_fn, lr=1e-4, weight_decay=0.01, text_drop_prob=0.1,
+                 device=None):
+        self.device = torch.device(device or next(model.parameters()).device)
+        self.model, self.text_encoder, self.dataloader = model.to(self.device), text_encoder, dataloader
+        self.caption_fn, self.text_drop_prob = caption_fn, text_drop_prob
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.epoch_losses = []
+
+    def train(self, num_epochs):
+        print(f"Training on {self.device}", flush=True)
+        for _ in range(num_epochs):
+            losses = []
+            for images, labels in self.dataloader:
+                embeddings, mask = encode_prompts(self.text_encoder, self.caption_fn(labels), self.device)
+                with autocast(self.device):
+                    loss = get_text_conditional_loss(self.model, images.to(self.device), embeddings[:-1], mask[:-1],
+                                                     embeddings[-1], mask[-1], self.text_drop_prob)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.optimizer.step()
+                losses.append(loss.item())
+            self.epoch_losses.append(sum(losses) / len(losses))
+            print(f"Epoch {len(self.epoch_losses)}: avg_loss = {self.epoch_losses[-1]:.4f}", flush=True)
+        return self.epoch_losses[-num_epochs:]
+
+    def save_checkpoint(self, path):
+        state = dict(script=SCRIPT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                     epoch_losses=self.epoch_losses)
+        write_atomically(Path(path), lambda f: torch.save(state, f))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -711,12 +794,12 @@ def save_attention_maps(model, text_encoder, prompt, cfg, out_dir, device):
                      col_labels=["image"] + [f"{token} {p:.0%}" for token, p in zip(tokens, share)])
 
 
-def write_outputs(model, text_encoder, captions, cfg, out_dir, device, step):
-    """samples.png, cfg_sweep.png, attention.png, trajectory.png and .gif, nfe_sweep.png and, with
-    --eval_samples, samples.npz. Returns the names of the files written."""
+def write_outputs(model, text_encoder, classes, cfg, out_dir, device, step):
+    """samples.png, cfg_sweep.png, colours.png, attention.png, trajectory.png and .gif,
+    nfe_sweep.png and, with --eval_samples, samples.npz. Returns the names of the files written."""
     model.eval()
     wrote = []
-    prompts = list(cfg.prompts) or captions
+    prompts = list(cfg.prompts) or [make_caption(name) for name in classes]
     shape = (3, cfg.img_size, cfg.img_size)
 
     def draw(prompts, num_steps=cfg.sample_steps, sampler=cfg.sampler, trajectory=False, cfg_scale=cfg.cfg_scale):
@@ -736,14 +819,20 @@ def write_outputs(model, text_encoder, captions, cfg, out_dir, device, step):
     wrote += save_grid(torch.stack(sweep, dim=1).flatten(0, 1), out_dir / "cfg_sweep.png", ncol=len(scales),
                        title="guidance scale w", col_labels=[f"w={w}" for w in scales], row_labels=prompts)
 
-    wrote += save_attention_maps(model, text_encoder, prompts[0], cfg, out_dir, device)
+    colours, columns = ("red", "yellow", "green", "blue", "white", "black"), classes[:10]
+    wrote += save_grid(draw([make_caption(f"{colour} {name}") for colour in colours for name in columns]),
+                       out_dir / "colours.png", ncol=len(columns), title='"a photo of a {colour} {class}"',
+                       col_labels=columns, row_labels=colours)
+
+    attention_prompt = cfg.prompts[0] if cfg.prompts else make_caption(f"red {classes[-1]}")
+    wrote += save_attention_maps(model, text_encoder, attention_prompt, cfg, out_dir, device)
     trajectory_prompts = [prompts[i % len(prompts)] for i in range(8)]
     wrote += save_trajectory(draw(trajectory_prompts, trajectory=True), out_dir, cfg, row_labels=trajectory_prompts)
     wrote += save_nfe_sweep(lambda num_steps, sampler: draw(trajectory_prompts[:4], num_steps, sampler), out_dir, cfg)
 
     if cfg.eval_samples:  # 500 images at a time, so memory stays small for any N
         eval_prompts = [prompts[k % len(prompts)] for k in range(cfg.eval_samples)]  # equal numbers of each
-        labels = [captions.index(p) if p in captions else -1 for p in eval_prompts]  # -1: not a training caption
+        labels = [class_named_in(prompt, classes) for prompt in eval_prompts]
         torch.manual_seed(cfg.seed)
         chunks = [to_uint8(sample_text_conditional(model, text_encoder, eval_prompts[n:n + 500], shape,
                                                    cfg.sample_steps, cfg.cfg_scale, device, sampler=cfg.sampler))
@@ -844,6 +933,8 @@ def config_problems(cfg):
         problems.append("--text_dropout must be in [0, 1]")
     if not 0 <= cfg.ema_decay < 1:
         problems.append("--ema_decay must be in [0, 1)")
+    if cfg.captions not in ("colour", "class"):
+        problems.append("--captions must be colour or class")
     if cfg.time_sampling not in ("logit_normal", "uniform"):
         problems.append("--time_sampling must be logit_normal or uniform")
     if cfg.sampler not in SAMPLERS:
@@ -1174,17 +1265,19 @@ def main(argv=None):
         ema_model = copy.deepcopy(model).requires_grad_(False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         parts = dict(model=model, ema=ema_model, optimizer=optimizer)  # what a checkpoint holds
-        extras, step, wrote = {"progress": {}, "captions": []}, 0, []  # beside the parts: progress rows, captions
+        extras, step, wrote = {"progress": {}, "captions": [], "classes": []}, 0, []  # beside the parts
         if ckpt:
             step = restore(ckpt, parts, device, out_dir / "ckpt.pt")
             extras = {name: ckpt.get(name, value) for name, value in extras.items()}
         if not cfg.sample_only:
-            images, labels, extras["captions"] = load_images(cfg.data_dir, cfg.img_size, device, cfg.train_images)
+            images, labels, extras["captions"], extras["classes"] = load_images(cfg.data_dir, cfg.img_size, device,
+                                                                                cfg.train_images, cfg.captions)
             out_dir.mkdir(parents=True, exist_ok=True)
             wrote += train(model, ema_model, optimizer, images, labels, text_encoder, cfg, out_dir, step, device,
                            parts, extras)
             step = cfg.steps
-        wrote += write_outputs(ema_model, text_encoder, extras["captions"], cfg, out_dir, device, step)
+        classes = extras["classes"] or [re.sub("^a photo of an? ", "", c) for c in extras["captions"]]  # older ckpts
+        wrote += write_outputs(ema_model, text_encoder, classes, cfg, out_dir, device, step)
         print(f"wrote {', '.join(wrote)} to {out_dir}", flush=True)
 
 

@@ -66,14 +66,14 @@ def make_image_folder(root, classes=("cat", "ship", "airplane")):
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def make_tiny_clip(root, positions=77):
+def make_tiny_clip(root, positions=77, width=32):
     """A tiny random CLIP text model and a letter-level CLIP tokenizer, saved with
     save_pretrained as a real one would be: CLIPTextEncoder loads it from the folder."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for letter in LETTERS:
         vocab[letter], vocab[letter + "</w>"] = len(vocab), len(vocab) + 1
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=2, max_position_embeddings=positions, bos_token_id=0, eos_token_id=1,
                             pad_token_id=1)
     torch.manual_seed(0)
@@ -524,6 +524,53 @@ def test_captions_and_mirrored_batches():
     assert (same | mirrored).all() and 0.4 < mirrored.float().mean() < 0.6
 
 
+def centred(rgb, border=(0, 0, 0)):
+    """A 32x32 image whose central 16x16 pixels have one colour and the rest another."""
+    image = np.full((32, 32, 3), border, np.uint8)
+    image[8:24, 8:24] = rgb
+    return image
+
+
+COLOURED = {"red": (200, 20, 20), "orange": (240, 140, 20), "yellow": (230, 220, 40), "green": (30, 160, 40),
+            "blue": (30, 60, 220), "purple": (140, 40, 200), "brown": (120, 70, 20), "white": (240, 240, 240),
+            "gray": (128, 128, 128), "black": (10, 10, 10)}
+
+
+def test_colour_of_reads_the_centre_and_abstains_when_unsure():
+    m = load(TEXT)
+    for name, rgb in COLOURED.items():
+        assert m.colour_of(centred(rgb, border=COLOURED["green" if name == "blue" else "blue"])) == name
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert m.colour_of(noise) is None
+    assert m.describe(centred(COLOURED["red"]), "car", "colour") == "a photo of a red car"
+    assert m.describe(centred(COLOURED["red"]), "car", "class") == "a photo of a car"
+    assert m.describe(centred(COLOURED["blue"]), "red_car", "colour") == "a photo of a red car"  # named already
+    assert m.describe(noise, "apple", "colour") == "a photo of an apple"
+    assert m.class_named_in("A photo of a RED cat.", ["dog", "cat"]) == 1
+    assert m.class_named_in("a catalogue", ["dog", "cat"]) == -1
+    assert m.class_named_in("a photo of a red car", ["red_car"]) == 0
+
+
+@pytest.mark.parametrize("name", TEXT_SCRIPTS)
+def test_captions_name_each_images_colour_unless_told_class(name, data, tmp_path):
+    folder = tmp_path / "photos"
+    for class_name, colours in {"car": ("red", "white"), "bird": ("blue", "blue")}.items():
+        (folder / class_name).mkdir(parents=True)
+        for i, colour in enumerate(colours * 2):
+            Image.fromarray(centred(COLOURED[colour])).save(folder / class_name / f"{i}.png")
+    held_out = ["--vae_test_images", "1"] if name == LATENT else []
+    run_in(name, folder, tmp_path / "colour", data, "--steps", "1", *held_out)
+    ckpt = torch.load(tmp_path / "colour" / "ckpt.pt", weights_only=True)
+    assert ckpt["captions"] == ["a photo of a blue bird", "a photo of a red car", "a photo of a white car"]
+    run_in(name, folder, tmp_path / "class", data, "--steps", "1", "--captions", "class", *held_out,
+           "--eval_samples", "3", "--prompts", "a photo of a red car", "a bird", "a cow")
+    ckpt = torch.load(tmp_path / "class" / "ckpt.pt", weights_only=True)
+    assert ckpt["captions"] == ["a photo of a bird", "a photo of a car"] and ckpt["classes"] == ["bird", "car"]
+    npz = np.load(tmp_path / "class" / "samples.npz")
+    assert npz["prompts"].tolist() == ["a photo of a red car", "a bird", "a cow"]
+    assert npz["labels"].tolist() == [1, 0, -1]  # the class each prompt names
+
+
 def test_seed_text_usage_example_runs_as_written(data):
     m = importlib.import_module("04_text_clip_cifar")
     text_encoder = m.CLIPTextEncoder(model_name=str(data["clip"]))
@@ -654,6 +701,88 @@ def test_seed_latent_usage_example_runs_with_a_text_encoder_passed_in(data):
     assert samples.shape == (4, 3, 32, 32) and samples.isfinite().all()
     with pytest.raises(ValueError, match="0..9"):
         m.sample_latent_conditional(model, vae, text_encoder, class_labels=[10])
+
+
+SEED_000_STEP_5 = """
+from text_to_image import VAE, ConditionalDiT, sample_latent_conditional
+vae = VAE(latent_channels=4)
+model = ConditionalDiT(in_channels=4, img_size=8) # Works on latents
+# ... train VAE, then train model on encoded latents ...
+# Generate in latent space, decode to pixels
+samples = sample_latent_conditional(
+model, vae,
+class_labels=[0, 1, 2, 3],
+latent_shape=(4, 8, 8),
+cfg_scale=3.0
+)
+"""
+
+
+def test_seed_latent_example_runs_as_written_with_clip_from_the_local_cache(tmp_path):
+    """No text encoder passed: the default CLIP loads from the Hugging Face cache, as it would
+    offline on a learner's machine. The cache holds a tiny CLIP of CLIP's width under CLIP's name."""
+    repo = tmp_path / "hub" / "models--openai--clip-vit-base-patch32"
+    make_tiny_clip(repo / "snapshots" / "0123abcd", width=512)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    check = ("import importlib, sys; sys.modules['text_to_image'] = importlib.import_module('05_latent_vae')\n"
+             + SEED_000_STEP_5 + "\nassert samples.shape == (4, 3, 32, 32) and samples.abs().max() <= 1\nprint('ok')")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # no hub
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+SEED_002_TRAINER_CELL = r"""
+trainer = TextConditionalTrainer(
+model=model,
+text_encoder=text_encoder,
+dataloader=train_loader,
+caption_fn=make_cifar10_captions,
+lr=1e-4,
+weight_decay=0.01,
+text_drop_prob=0.1, # 10% text dropout for CFG
+device=device,
+)
+print("Training Text-Conditional DiT with CFG text dropout...")
+print("(10% of samples trained with null text)\n")
+NUM_EPOCHS = 30
+losses = trainer.train(num_epochs=NUM_EPOCHS)
+trainer.save_checkpoint("phase4_text_conditional_dit.pt")
+"""
+
+
+@pytest.mark.parametrize("name", TEXT_SCRIPTS)
+def test_seed_trainer_cell_runs_as_written(name, data, tmp_path, monkeypatch, capsys):
+    m = load(name)
+    folder = m.ImageFolder(data["images"], transform=m.transforms.Compose([
+        m.transforms.Resize(8), m.transforms.CenterCrop(8), m.transforms.ToTensor(),
+        m.transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]))
+    train_loader = torch.utils.data.DataLoader(folder, batch_size=4, shuffle=True, drop_last=True)
+    text_encoder = m.CLIPTextEncoder(str(data["clip"]))
+    model = m.TextConditionalDiT(img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                                 context_dim=text_encoder.embed_dim)
+    monkeypatch.chdir(tmp_path)
+    names = dict(vars(m), model=model, text_encoder=text_encoder, train_loader=train_loader, device=m.get_device())
+    exec(SEED_002_TRAINER_CELL, names)
+    losses = names["losses"]
+    assert len(losses) == 30 and all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert "Epoch 30: avg_loss = " in capsys.readouterr().out
+    saved = torch.load(tmp_path / "phase4_text_conditional_dit.pt", weights_only=True)
+    assert saved["script"] == name and saved["epoch_losses"] == losses
+    assert all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("flags, latent_shape", [(["--img_size", "64", "--vae_downscale", "8"], (4, 8, 8)),
+                                                 (["--img_size", "128"], (4, 32, 32))])
+def test_latents_buy_resolution(flags, latent_shape, data, tmp_path):
+    """An 8x VAE gives 64x64 images the 4x8x8 latents (16 tokens) that 32x32 ones get with a 4x VAE."""
+    m = load(LATENT)
+    assert m.latent_shape_of(m.parse_config(["--tiny", *flags])[0]) == latent_shape
+    run(LATENT, tmp_path, data, *flags, "--eval_samples", "2")
+    size = int(flags[1])
+    assert np.load(tmp_path / "samples.npz")["images"].shape == (2, size, size, 3)
+    assert Image.open(tmp_path / "recon.png").height > 2 * size
 
 
 def test_vae_training_resumes_after_ctrl_c_and_a_trained_vae_can_be_reused(data, tmp_path, monkeypatch):
@@ -788,9 +917,10 @@ def test_tiny_run_writes_every_output(name, data, tmp_path, capsys):
     assert len(ckpt["progress"]) == 6  # progress.png's rows: 6 points of training
     assert not list(tmp_path.glob("*.tmp"))  # the atomic writes left nothing behind
     if name in TEXT_SCRIPTS:  # the folder names became the captions, in ImageFolder's (sorted) order
-        assert ckpt["captions"] == ["a photo of an airplane", "a photo of a cat", "a photo of a ship"]
-        assert (tmp_path / "attention.png").exists()
-        assert npz["prompts"].tolist() == [ckpt["captions"][k] for k in npz["labels"]]
+        assert ckpt["classes"] == ["airplane", "cat", "ship"]
+        assert {caption.split()[-1] for caption in ckpt["captions"]} == set(ckpt["classes"])
+        assert (tmp_path / "attention.png").exists() and (tmp_path / "colours.png").exists()
+        assert npz["prompts"].tolist() == [load(name).make_caption(ckpt["classes"][k]) for k in npz["labels"]]
     if name == "05_latent_vae":
         assert (tmp_path / "recon.png").exists() and ckpt["vae_step"] == load(name).TINY["vae_steps"]
         assert (tmp_path / "vae_log.csv").read_text().splitlines()[-1].startswith(f"{load(name).TINY['vae_steps']},")
@@ -1036,10 +1166,12 @@ SHARED = {  # what a later step copies word for word from the earlier ones
     "load_mnist": UNCONDITIONAL, "get_batch": UNCONDITIONAL, "sample": UNCONDITIONAL,
     "CIFAR10_CLASSES": TEXT_SCRIPTS, "make_caption": TEXT_SCRIPTS, "make_cifar10_captions": TEXT_SCRIPTS,
     "open_dataset": TEXT_SCRIPTS, "open_image_folder": TEXT_SCRIPTS, "load_images": TEXT_SCRIPTS,
+    "COLOURS": TEXT_SCRIPTS, "colour_of": TEXT_SCRIPTS, "describe": TEXT_SCRIPTS, "class_named_in": TEXT_SCRIPTS,
     "decode": TEXT_SCRIPTS, "hub_reachable": TEXT_SCRIPTS, "CLIPTextEncoder": TEXT_SCRIPTS,
     "encode_prompts": TEXT_SCRIPTS, "split_heads": TEXT_SCRIPTS, "CrossAttention": TEXT_SCRIPTS,
     "TextConditionedDiTBlock": TEXT_SCRIPTS, "TextConditionalDiT": TEXT_SCRIPTS,
     "get_text_conditional_loss": TEXT_SCRIPTS, "guided_velocity": TEXT_SCRIPTS, "heat_colors": TEXT_SCRIPTS,
+    "TextConditionalTrainer": TEXT_SCRIPTS,
 }
 
 
