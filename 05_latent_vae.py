@@ -34,7 +34,7 @@ What to expect
     310 images/s), 16 for the flow on latents (about 790 images/s, 3.5 times step 4's), a
     minute or two for encoding and pictures. out/05_latent_vae/ then holds recon.png (held-out
     images above their reconstructions), samples.png (a row per prompt), cfg_sweep.png,
-    attention.png, trajectory.png and .gif, nfe_sweep.png, progress.png, loss.png, log.csv
+    colours.png, attention.png, trajectory.png and .gif, nfe_sweep.png, progress.png, loss.png, log.csv
     (stage 2), vae_log.csv (stage 1) and ckpt.pt (the VAE included).
 """
 
@@ -109,8 +109,8 @@ class Config:
     time_sampling: str = "logit_normal"  # how training picks t: "logit_normal" or "uniform"
     text_dropout: float = 0.1  # chance that a training caption becomes the empty prompt (for CFG)
     # sampling
-    sampler: str = "euler"  # "euler" (4) or "heun" (4b)
-    sample_steps: int = 50  # sampler steps from t=1 to t=0 (N Heun steps cost 2N - 1 network evaluations)
+    sampler: str = "heun"  # "euler" (4) or "heun" (4b)
+    sample_steps: int = 4  # sampler steps from t=1 to t=0 (N Heun steps cost 2N - 1 network evaluations)
     prompts: tuple = ()  # what samples.png draws, e.g. --prompts "a photo of a cat" "a red car"; () = one per class
     num_samples: int = 80  # images in samples.png, one row per prompt
     cfg_scale: float = 7.5  # guidance w in eq. (5): 0 unconditional, 1 conditional, >1 guided
