@@ -21,7 +21,9 @@ What this step adds
     undoes the scaling, and the VAE's decoder turns the latent into pixels.
     --vae_downscale 8 adds a third stride-2 stage, as Stable Diffusion's VAE has (512x512 ->
     64x64 latents): a 64x64 image then gives the same 4x8x8 latent, and the same cheap DiT,
-    as a 32x32 image with the default 4x VAE.
+    as a 32x32 image with the default 4x VAE. The DiT's cost is set by the latent grid, not by
+    the image, so the larger factor is what makes high resolutions affordable; its price is
+    the detail that the decoder has to put back.
 
 Run it
     python 05_latent_vae.py                      # full run (downloads CIFAR-10 and CLIP)
