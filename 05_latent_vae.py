@@ -198,10 +198,12 @@ def colour_of(image):
     s = image.shape[0]
     centre = np.ascontiguousarray(image[s // 4:s - s // 4, s // 4:s - s // 4])
     hue, sat, value = torch.from_numpy(np.array(Image.fromarray(centre).convert("HSV"))).float().div(255).unbind(-1)
-    name = torch.tensor([0, 1, 2, 3, 4, 5, 0])[torch.bucketize(hue * 360, HUE_EDGES)]  # the hue's name
-    name = torch.where((name == 1) & (value < 0.6), 6, name)  # dark orange is brown
-    name = torch.where(sat < 0.2, torch.where(value > 0.75, 7, 8), name)  # no colour: white or gray
-    name = torch.where(value < 0.2, 9, name)  # too dark to have a hue: black
+    index = {colour: i for i, colour in enumerate(COLOURS)}
+    name = torch.tensor([0, 1, 2, 3, 4, 5, 0])[torch.bucketize(hue * 360, HUE_EDGES)]  # red .. purple, red
+    name = torch.where((name == index["orange"]) & (value < 0.6), index["brown"], name)  # dark orange
+    no_colour = torch.where(value > 0.75, index["white"], index["gray"])
+    name = torch.where(sat < 0.2, no_colour, name)  # too little saturation for a hue
+    name = torch.where(value < 0.2, index["black"], name)  # too dark for a hue
     counts = name.flatten().bincount(minlength=len(COLOURS))
     return COLOURS[counts.argmax()] if counts.max() >= 0.4 * name.numel() else None
 
