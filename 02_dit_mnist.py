@@ -17,7 +17,7 @@ Run it
     python 02_dit_mnist.py --help               # every flag, generated from Config
 
 What to expect
-    About 12 minutes on a 2-core laptop CPU (about 400 images/s; a GPU is much faster).
+    12 to 18 minutes on a 2-core laptop CPU (260 to 400 images/s; a GPU is much faster).
     out/02_dit_mnist/ then holds samples.png (64 random digits), trajectory.png and
     trajectory.gif (noise turning into digits as t goes from 1 to 0), nfe_sweep.png,
     progress.png, loss.png, log.csv and ckpt.pt. At this small budget the U-Net of step 1

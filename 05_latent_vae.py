@@ -32,12 +32,13 @@ Run it
     python 05_latent_vae.py --sample_only --prompts "a photo of a ship" "a photo of a red car"
 
 What to expect
-    About 24 minutes on a 2-core laptop CPU (a GPU is much faster): 5 to train the VAE (about
-    310 images/s), 16 for the flow on latents (about 790 images/s, 3.5 times step 4's), a
-    minute or two for encoding and pictures. out/05_latent_vae/ then holds recon.png (held-out
-    images above their reconstructions), samples.png (a row per prompt), cfg_sweep.png,
-    colours.png, attention.png, trajectory.png and .gif, nfe_sweep.png, progress.png, loss.png, log.csv
-    (stage 2), vae_log.csv (stage 1) and ckpt.pt (the VAE included).
+    About 35 minutes on a slow 2-core CPU (24 on a faster one; a GPU is much faster): 9 to train
+    the VAE (about 180 images/s), 2 to encode the data, 24 for the flow on latents (about 540
+    images/s, 4 times step 4's), seconds for the pictures. out/05_latent_vae/ then holds
+    recon.png (held-out images above their reconstructions), samples.png (a row per prompt),
+    cfg_sweep.png, colours.png, attention.png, trajectory.png and .gif, nfe_sweep.png,
+    progress.png, loss.png, log.csv (stage 2), vae_log.csv (stage 1) and ckpt.pt (the VAE
+    included).
 """
 
 import argparse
