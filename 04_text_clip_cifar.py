@@ -24,8 +24,8 @@ Run it
     python 04_text_clip_cifar.py --sample_only --prompts "a photo of a ship" "a photo of a red car"
 
 What to expect
-    About 23 minutes of training on a 2-core laptop CPU (about 140 images/s; a GPU is much
-    faster), then a minute for the pictures (2 more with --eval_samples 1000). The first run
+    14 to 25 minutes of training on a 2-core laptop CPU (130 to 220 images/s; a GPU is much
+    faster), then a minute for the pictures (1 more with --eval_samples 1000). The first run
     downloads CIFAR-10 (170 MB) and CLIP (about 600 MB). out/04_text_clip_cifar/ then holds
     samples.png (a row per prompt), cfg_sweep.png (guidance scales 0 to 7.5), colours.png (six
     colour words times the classes), attention.png (where the patches looked, token by token),
@@ -82,7 +82,7 @@ class Config:
     num_heads: int = 4  # attention heads (embed_dim must divide by it)
     mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
     # training
-    steps: int = 3000  # optimizer steps (about 23 minutes on a 2-core CPU)
+    steps: int = 3000  # optimizer steps (14 to 25 minutes on a 2-core CPU)
     batch_size: int = 64  # images per step
     lr: float = 1e-3  # learning rate, after a linear warmup
     warmup_steps: int = 100  # linear warmup from 0 to lr, then constant

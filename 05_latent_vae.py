@@ -101,7 +101,7 @@ class Config:
     vae_test_images: int = 1000  # held out of training, to measure the VAE's reconstructions (PSNR)
     vae_ckpt: str = ""  # reuse the VAE of this 05 checkpoint and skip stage 1
     # training, stage 2: the flow on latents
-    steps: int = 6000  # optimizer steps (about 16 minutes on a 2-core CPU)
+    steps: int = 6000  # optimizer steps (16 to 24 minutes on a 2-core CPU)
     batch_size: int = 128  # latents per step (twice step 4's: latent steps are cheap, bigger ones use the CPU better)
     lr: float = 1e-3  # learning rate, after a linear warmup
     warmup_steps: int = 100  # linear warmup from 0 to lr, then constant
