@@ -1,10 +1,9 @@
 """Step 1: unconditional flow matching on MNIST.
 
 What this step adds
-    The whole idea of flow matching, with a small U-Net as the network.
-    A straight path joins each training image x0 to a noise sample x1:
+    The whole idea of flow matching, with a small U-Net as the network. A straight path joins each training image
+    x0 to a noise sample x1, and along it the velocity is constant:
         x_t = (1 - t) * x0 + t * x1,        t in [0, 1]               (1)
-    Along it the velocity is constant:
         v = dx_t/dt = x1 - x0                                           (2)
     The network v_theta(x_t, t) learns to predict it with a plain MSE loss:
         L = E_{x0, x1, t} || v_theta(x_t, t) - (x1 - x0) ||^2           (3)
@@ -13,12 +12,9 @@ What this step adds
     or with Heun's method (the trapezoid rule), which averages the velocity at both ends:
         x' = x_t - dt * v_theta(x_t, t)
         x_{t - dt} = x_t - dt * (v_theta(x_t, t) + v_theta(x', t - dt)) / 2        (4b)
-    A Heun step costs two network evaluations (NFE), an Euler step one (the last Heun step,
-    to t = 0, is a plain Euler step). On a straight path v is the same everywhere, so a single
-    Euler step lands exactly; the more the learned paths bend, the more steps Euler needs, and
-    the more Heun's second-order step buys back (its error shrinks as 1/steps^2, Euler's as
-    1/steps). nfe_sweep.png shows both. Measured (README, "How many steps?"), 4 Heun steps
-    (7 NFE) draw digits as good as 50 Euler steps, about 6 times faster: the default.
+    An Euler step costs one network evaluation (NFE), a Heun step two. On a straight path one Euler step lands
+    exactly; the more the learned paths bend, the more steps Euler needs and the more Heun buys back (error
+    ~ 1/steps^2 against Euler's 1/steps): 4 Heun steps (7 NFE) draw digits as good as 50 Euler steps.
 
 Run it
     python 01_flow_mnist.py                     # full run (downloads MNIST to ./data)
@@ -26,27 +22,13 @@ Run it
     python 01_flow_mnist.py --help              # every flag, generated from Config
 
 What to expect
-    About 12 minutes on a 2-core laptop CPU (about 250 images/s; a GPU is much faster).
-    out/01_flow_mnist/ then holds samples.png (64 random digits), trajectory.png and
-    trajectory.gif (noise turning into digits as t goes from 1 to 0), nfe_sweep.png (the
-    same noise at 1 to 50 network evaluations), progress.png (the same noise during
-    training), loss.png (the loss by step and by t), log.csv and ckpt.pt.
+    About 15 minutes on a 2-core laptop CPU. out/01_flow_mnist/ then holds samples.png,
+    trajectory.png and .gif (noise turning into digits from t=1 to 0), nfe_sweep.png,
+    progress.png (the same noise during training), loss.png (by step and by t), log.csv, ckpt.pt.
 """
 
-import argparse
-import copy
-import csv
-import dataclasses
-import inspect
-import io
-import math
-import os
-import re
-import shutil
-import signal
-import time
+import argparse, copy, csv, dataclasses, inspect, io, math, os, re, shutil, signal, time
 from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,155 +37,108 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.datasets import MNIST
+from torchvision.utils import make_grid
 
 SCRIPT = Path(__file__).stem  # written into checkpoints, so another script's are refused
 
-
 # ----------------------------------------------------------------------------- config
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    # data and outputs
     data_dir: str = "./data"  # MNIST is downloaded here when missing
     out_dir: str = ""  # where outputs go; empty means out/<script name>
-    # model
-    base_channels: int = 32  # U-Net width at 28x28; doubled at 14x14 and 7x7
-    time_dim: int = 128  # size of the time embedding
-    # training
-    steps: int = 2800  # optimizer steps
-    batch_size: int = 64  # images per step
-    lr: float = 1e-3  # learning rate, after a linear warmup
-    warmup_steps: int = 100  # linear warmup from 0 to lr, then constant
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # clip the gradient norm to this
+    base_channels: int = 32  # U-Net width at 28x28, doubled at 14x14 and 7x7; must be at least 1
+    time_dim: int = 128  # size of the time embedding; must be at least 1
+    steps: int = 2800  # optimizer steps; must be at least 1
+    batch_size: int = 64  # images per step; must be at least 1
+    lr: float = 1e-3  # learning rate, after a linear warmup; must not be negative
+    warmup_steps: int = 100  # linear warmup from 0 to lr, then constant; must not be negative
+    weight_decay: float = 0.0  # AdamW weight decay; must not be negative
+    grad_clip: float = 1.0  # clip the gradient norm to this; must be above 0
     ema: bool = True  # sample with an exponential moving average of the weights
-    ema_decay: float = 0.999  # EMA decay: an average over the last 1 / (1 - decay) steps
-    time_sampling: str = "logit_normal"  # how training picks t: "logit_normal" or "uniform"
-    # sampling
-    sampler: str = "heun"  # "euler" (4) or "heun" (4b)
-    sample_steps: int = 4  # sampler steps from t=1 to t=0 (N Heun steps cost 2N - 1 network evaluations)
-    num_samples: int = 64  # images in samples.png
-    eval_samples: int = 0  # if > 0, also write this many samples to samples.npz
-    # run
+    ema_decay: float = 0.999  # EMA decay: an average over the last 1 / (1 - decay) steps; must be in [0, 1)
+    time_sampling: str = "logit_normal"  # how training picks t; must be logit_normal or uniform
+    sampler: str = "heun"  # "euler" (4) or "heun" (4b); must be euler or heun
+    sample_steps: int = 4  # sampler steps from t=1 to 0 (N Heun steps: 2N - 1 NFE); must be at least 1
+    num_samples: int = 64  # images in samples.png; must be at least 1
+    eval_samples: int = 0  # if > 0, also write this many samples to samples.npz; must not be negative
     seed: int = 0  # makes a run repeatable on one device
     device: str = "auto"  # auto picks cuda, then mps, then cpu
-    log_every: float = 5.0  # seconds between progress lines
-    ckpt_every: int = 500  # steps between checkpoints
+    log_every: float = 5.0  # seconds between progress lines; must not be negative
+    ckpt_every: int = 500  # steps between checkpoints; must be at least 1
     resume: bool = False  # continue training from out_dir/ckpt.pt
     sample_only: bool = False  # load out_dir/ckpt.pt and only write the outputs
     tiny: bool = False  # a seconds-long run with a tiny model, for tests and a first look
 
-
-# --tiny shrinks everything that costs time; flags given explicitly still win.
-TINY = dict(base_channels=8, time_dim=32, steps=20, batch_size=16, warmup_steps=5,
-            sample_steps=4, num_samples=16, log_every=1.0)
-
-# The fields that define the model: a checkpoint is only loaded where they match.
+# --tiny shrinks what costs time (flags typed still win); a checkpoint only loads where the model's fields match.
+TINY = dict(base_channels=8, time_dim=32, steps=20, batch_size=16, warmup_steps=5, num_samples=16, log_every=1.0)
 MODEL_FIELDS = ("base_channels", "time_dim")
-
 
 # ----------------------------------------------------------------------------- device
 
 def get_device(name="auto"):
     """cuda, then mps, then cpu; --device forces one."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: unknown --device {name!r}: use auto, cpu, cuda or mps")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        raise SystemExit(f"error: --device {name} is not available here: use --device auto")
-    return device
-
-
-def uses_bf16(device):
-    """bf16 autocast only on a GPU that computes in bf16 natively; float32 everywhere else."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-
+        name = next(kind for kind, ok in available.items() if ok)
+    if not available.get(name.split(":")[0]):
+        raise SystemExit(f"error: --device {name} is not available here: use --device auto, cpu, cuda or mps")
+    return torch.device(name)
 
 def autocast(device):
-    """bf16 autocast where uses_bf16 (faster, same results in practice); float32 elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
-
+    """bf16 autocast only on a GPU that computes in bf16 natively; float32 everywhere else."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 # ----------------------------------------------------------------------------- data
 
 def load_mnist(data_dir, device):
-    """All 60,000 training digits as one uint8 tensor [N, 1, 28, 28] on the device.
-
-    MNIST fits in memory, so batches are drawn by index: no DataLoader, no per-image work.
-    """
+    """All 60,000 training digits as one uint8 tensor [N, 1, 28, 28] on the device: batches are drawn by index."""
     raw = Path(data_dir) / "MNIST" / "raw"
-    if not all((raw / f"{name}-{kind}-idx{dims}-ubyte").is_file()
-               for name in ("train", "t10k") for kind, dims in (("images", 3), ("labels", 1))):
-        print(f"downloading MNIST to {data_dir} ...", flush=True)
-        try:
-            with removed_on_failure(raw), redirect_stdout(io.StringIO()):  # torchvision prints every mirror
-                MNIST(data_dir, train=True, download=True)
-        except Exception:
-            raise SystemExit(
-                f"error: MNIST is not in {data_dir} and could not be downloaded: put "
-                f"train-images-idx3-ubyte and train-labels-idx1-ubyte (and the t10k files) "
-                f"in {raw}, or pass --data_dir")
+    if not all((raw / f"{split}-{kind}").is_file() for split in ("train", "t10k")
+               for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")):
+        download(lambda: MNIST(data_dir, download=True), raw, f"error: MNIST is not in {data_dir} and could not be "
+                 f"downloaded: put train-images-idx3-ubyte and train-labels-idx1-ubyte (and the t10k files) in {raw}, "
+                 f"or pass --data_dir")
     try:
-        dataset = MNIST(data_dir, train=True, download=False)
+        return MNIST(data_dir, train=True).data.unsqueeze(1).to(device)
     except Exception:
         raise SystemExit(f"error: the MNIST files in {raw} are corrupt or truncated: delete them to download "
                          f"them again, or pass another --data_dir")
-    return dataset.data.unsqueeze(1).to(device)
-
 
 def get_batch(images, batch_size):
     """A random batch scaled from uint8 [0, 255] to float [-1, 1]."""
     idx = torch.randint(len(images), (batch_size,), device=images.device)
     return images[idx].float() / 127.5 - 1
 
-
 # ----------------------------------------------------------------------------- model
 
 class TimeEmbedding(nn.Module):
     """t in [0, 1] -> sinusoidal features (as in the Transformer) -> MLP."""
-
     def __init__(self, dim, freq_dim=128, max_period=10000.0):
         super().__init__()
-        half = freq_dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half))
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(freq_dim // 2) / (freq_dim // 2)))
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
         angles = 1000 * t[:, None] * self.freqs[None]  # scale t so that small steps in t matter
         return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
 
-
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, with the time embedding added in between."""
-
     def __init__(self, in_ch, out_ch, time_dim):
         super().__init__()
-        self.norm1 = nn.GroupNorm(8, in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(8, in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, out_ch)
-        self.norm2 = nn.GroupNorm(8, out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(8, out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, t_emb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(t_emb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return h + self.skip(x)
-
+        h = self.conv1(F.silu(self.norm1(x))) + self.time_proj(t_emb)[:, :, None, None]
+        return self.conv2(F.silu(self.norm2(h))) + self.skip(x)
 
 class UNet(nn.Module):
     """A small U-Net: 28x28 -> 14x14 -> 7x7 and back, with skip connections."""
-
     def __init__(self, in_channels=1, base_channels=32, time_dim=128):
         super().__init__()
         c1, c2, c3 = base_channels, 2 * base_channels, 4 * base_channels
@@ -213,8 +148,7 @@ class UNet(nn.Module):
         self.pool1 = nn.Conv2d(c1, c1, 3, stride=2, padding=1)       # -> 14x14
         self.down2 = ResBlock(c1, c2, time_dim)                      # 14x14
         self.pool2 = nn.Conv2d(c2, c2, 3, stride=2, padding=1)       # -> 7x7
-        self.mid1 = ResBlock(c2, c3, time_dim)                       # 7x7
-        self.mid2 = ResBlock(c3, c3, time_dim)
+        self.mid1, self.mid2 = ResBlock(c2, c3, time_dim), ResBlock(c3, c3, time_dim)  # 7x7
         self.unpool2 = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c3, c2, 3, padding=1))
         self.up2 = ResBlock(c2 + c2, c2, time_dim)                   # 14x14, with skip
         self.unpool1 = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c2, c1, 3, padding=1))
@@ -232,30 +166,20 @@ class UNet(nn.Module):
         h = self.up1(torch.cat([self.unpool1(h), h1], dim=1), t_emb)
         return self.out(h)
 
-
 def build_model(cfg):
     return UNet(in_channels=1, base_channels=cfg.base_channels, time_dim=cfg.time_dim)
-
 
 # ----------------------------------------------------------------------------- flow-matching loss
 
 def sample_timesteps(batch_size, time_sampling, device):
-    """t ~ U(0, 1), or logit-normal: sigmoid of a standard normal (SD3, Esser et al. 2024).
-
-    Logit-normal spends more steps at middle t, where predicting v is hardest; the ends
-    (almost pure data or pure noise) are easy. On MNIST it gave lower Frechet distance than
-    uniform for the same training time (see README), so it is the default.
-    """
-    if time_sampling == "uniform":
-        return torch.rand(batch_size, device=device)
-    return torch.sigmoid(torch.randn(batch_size, device=device))
-
+    """t ~ U(0, 1), or logit-normal: sigmoid of a standard normal (SD3, Esser et al. 2024), which
+    spends more steps at middle t, where predicting v is hardest; the ends are easy."""
+    uniform = time_sampling == "uniform"
+    return torch.rand(batch_size, device=device) if uniform else torch.sigmoid(torch.randn(batch_size, device=device))
 
 def get_loss(model, x0, time_sampling="logit_normal", record=None):
-    """Flow-matching loss (3) for a batch of data x0 in [-1, 1].
-
-    record: a list that, when given, collects (t, the loss of each image): the loss by time.
-    """
+    """Flow-matching loss (3) for a batch of data x0 in [-1, 1]. record, a list when given,
+    collects (t, each image's loss): the loss by time, for log.csv."""
     x1 = torch.randn_like(x0)                           # noise
     t = sample_timesteps(len(x0), time_sampling, x0.device)
     t_ = t[:, None, None, None]
@@ -266,109 +190,80 @@ def get_loss(model, x0, time_sampling="logit_normal", record=None):
         record.append((t.detach(), loss_per_image.detach()))
     return loss_per_image.mean()
 
-
 # ----------------------------------------------------------------------------- sampler
 
-@torch.no_grad()
-def euler_sample(velocity, x, num_steps, trajectory=True):
-    """Integrate dx/dt = velocity(x, t) from t = 1 (noise) to t = 0 (data) with Euler, eq. (4).
-
-    Returns [x at t=1, ..., x at t=0], every state, so a caller can show the trajectory;
-    trajectory=False keeps only the last, [x at t=0], to save memory.
-    """
-    ts = torch.linspace(1, 0, num_steps + 1, device=x.device)
-    states = [x]
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        v = velocity(x, t.expand(len(x)))
-        x = x + (t_next - t) * v  # t_next - t = -dt < 0: a step back in time
-        states = states + [x] if trajectory else [x]
-    return states
-
-
-@torch.no_grad()
-def heun_sample(velocity, x, num_steps, trajectory=True):
-    """The same integration with Heun's method, eq. (4b): an Euler step to t_next, then the
-    step again with the average of the velocities at t and at t_next. The last step, to t = 0,
-    stays an Euler step (as in Karras et al. 2022): training hardly ever draws t near 0, so the
-    velocity there is the least reliable, and N steps cost 2N - 1 evaluations."""
-    ts = torch.linspace(1, 0, num_steps + 1, device=x.device)
-    states = [x]
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        v = velocity(x, t.expand(len(x)))
-        x_euler = x + (t_next - t) * v
-        if t_next > 0:
-            v_next = velocity(x_euler, t_next.expand(len(x)))
-            x_euler = x + (t_next - t) * (v + v_next) / 2
-        x = x_euler
-        states = states + [x] if trajectory else [x]
-    return states
-
-
-SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
 NFE = {"euler": lambda steps: steps, "heun": lambda steps: 2 * steps - 1}  # network evaluations: the real cost
 
+@torch.no_grad()
+def integrate(velocity, x, num_steps, sampler="euler", trajectory=True):
+    """Integrate dx/dt = velocity(x, t) from t = 1 (noise) to 0 (data) with Euler (4) or Heun (4b); Heun's last step
+    stays Euler (Karras et al. 2022). Returns every state [x at t=1, ..., x at t=0], or if not trajectory [x at t=0]."""
+    ts = torch.linspace(1, 0, num_steps + 1, device=x.device)
+    states = [x]
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        dt = t_next - t  # negative: a step back in time
+        v = velocity(x, t.expand(len(x)))
+        if sampler == "heun" and t_next > 0:
+            v = (v + velocity(x + dt * v, t_next.expand(len(x)))) / 2  # the trapezoid rule (4b)
+        x = x + dt * v
+        states = states + [x] if trajectory else [x]
+    return states
 
 def sample(model, num_samples, num_steps=50, image_shape=(1, 28, 28), device=None, trajectory=False,
            sampler="euler"):
     """Generate images in [-1, 1]; trajectory=True returns every sampler state instead."""
     device = torch.device(device or next(model.parameters()).device)
-
     def velocity(x, t):
         with autocast(device):
             return model(x, t).float()
-
-    noise = torch.randn(num_samples, *image_shape, device=device)
-    states = SAMPLERS[sampler](velocity, noise, num_steps, trajectory)
+    states = integrate(velocity, torch.randn(num_samples, *image_shape, device=device), num_steps, sampler, trajectory)
     return [x.clamp(-1, 1) for x in states] if trajectory else states[-1].clamp(-1, 1)
-
 
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, cfg):
-    """Linear warmup, then constant. The EMA of the weights does the averaging that a decaying
-    rate would, and since the rate does not depend on --steps, a finished run can be trained
-    further with --resume as if it had been asked for more steps from the start."""
+    """Linear warmup, then constant: the EMA averages as a decaying rate would, and --resume can add steps."""
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-
 
 @torch.no_grad()
 def update_ema(ema_model, model, step, decay):
-    """ema <- d * ema + (1 - d) * weights. Until step 1 / (1 - decay), d = 1 - 1 / (step + 1) makes
-    the EMA the plain mean of all weights so far; from then on it averages over the last
-    1 / (1 - decay) steps, as the number says."""
-    d = min(decay, 1 - 1 / (step + 1))
+    """ema <- d * ema + (1 - d) * weights, d = min(decay, (1 + step) / (10 + step)): an average over the last ~step/9
+    steps, up to 1 / (1 - decay). A mean of all steps would keep the first, random weights for thousands of steps."""
+    d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema_model.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
 
+def optimizer_step(model, optimizer, loss, grad_clip):
+    """Backpropagate, clip the gradient norm and step, unless that norm is nan or inf; return the norm."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if torch.isfinite(grad_norm := nn.utils.clip_grad_norm_(model.parameters(), grad_clip)):
+        optimizer.step()
+    return grad_norm
 
 def train(model, ema_model, optimizer, images, cfg, out_dir, step, device, parts, extras):
     """The training loop, from step to cfg.steps. Ctrl-C and SIGTERM stop it between two steps
     with a checkpoint; a non-finite loss or gradient stops it before it touches the weights."""
-    ckpt_path = out_dir / "ckpt.pt"
-    saved_step = step if cfg.resume else None  # the step the checkpoint on disk holds, for this run
+    ckpt_path, saved_step = out_dir / "ckpt.pt", step if cfg.resume else None  # the step on disk
     log = TrainingLog(out_dir / "log.csv", cfg, step, device, model)
-    previews = Previews(cfg, extras)
-    stop = []
+    preview_at, stop = {round(cfg.steps * k / 6) for k in range(1, 7)}, []  # progress.png: 6 rows in training
     try:
         with on_stop_signals(lambda signum, frame: stop.append(signum)):
             while step < cfg.steps and not stop:
                 rng = rng_states(device)  # the random state at the start of this step, for a checkpoint
                 lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group.update(lr=lr, weight_decay=cfg.weight_decay)
+                optimizer.param_groups[0].update(lr=lr, weight_decay=cfg.weight_decay)
                 with autocast(device):
                     loss = get_loss(model, get_batch(images, cfg.batch_size), cfg.time_sampling, log.by_time)
                 check_finite("loss", loss, step, ckpt_path, saved_step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                check_finite("gradient norm", nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip),
-                             step, ckpt_path, saved_step)
-                optimizer.step()
+                check_finite("gradient norm", optimizer_step(model, optimizer, loss, cfg.grad_clip), step, ckpt_path,
+                             saved_step)
                 update_ema(ema_model, model, step, cfg.ema_decay if cfg.ema else 0.0)
                 step += 1
                 log.step(step, loss.item(), lr)
-                previews.maybe_add(step, lambda: sample(ema_model, 8, cfg.sample_steps, device=device,
-                                                        sampler=cfg.sampler))
+                if step in preview_at:
+                    extras["progress"][step] = preview(lambda: sample(ema_model, 8, cfg.sample_steps,
+                                                                      sampler=cfg.sampler), cfg)
                 if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
                     save_checkpoint(ckpt_path, cfg, step, parts, rng_states(device), extras)
                     saved_step = step
@@ -376,240 +271,142 @@ def train(model, ema_model, optimizer, images, cfg, out_dir, step, device, parts
         save_checkpoint(ckpt_path, cfg, step, parts, rng, extras)
         stop.append(signal.SIGINT)
     finally:
-        log.close()
+        log.file.close()
     if stop:
         raise SystemExit(f"interrupted at step {step}: saved {ckpt_path}; add --resume to continue")
-    return ["ckpt.pt", "log.csv"] + previews.save(out_dir / "progress.png") + plot_loss(out_dir / "log.csv",
-                                                                                       out_dir / "loss.png")
-
+    return ["ckpt.pt", "log.csv"] + save_progress(extras["progress"], out_dir) + plot_loss(out_dir)
 
 # ----------------------------------------------------------------------------- outputs
 
 def write_outputs(model, cfg, out_dir, device, step):
-    """samples.png, trajectory.png and .gif, nfe_sweep.png and, with --eval_samples, samples.npz.
-    Returns the names of the files written."""
+    """samples.png, trajectory.png and .gif, nfe_sweep.png and, with --eval_samples, samples.npz: their names."""
     model.eval()
-    wrote = []
-
     def draw(n, num_steps=cfg.sample_steps, sampler=cfg.sampler, trajectory=False):
         torch.manual_seed(cfg.seed)  # the same noise whenever this checkpoint is sampled
         return sample(model, n, num_steps, device=device, trajectory=trajectory, sampler=sampler)
-
-    nfe = NFE[cfg.sampler](cfg.sample_steps)
-    wrote += save_grid(draw(cfg.num_samples), out_dir / "samples.png", ncol=8,
-                       title=f"{SCRIPT}, step {step}, {cfg.sample_steps} {cfg.sampler} steps = {nfe} NFE")
+    title = f"{SCRIPT}, step {step}, {cfg.sample_steps} {cfg.sampler} steps = {NFE[cfg.sampler](cfg.sample_steps)} NFE"
+    wrote = save_grid(draw(cfg.num_samples), out_dir / "samples.png", ncol=8, title=title)
     wrote += save_trajectory(draw(8, trajectory=True), out_dir, cfg)
     wrote += save_nfe_sweep(lambda num_steps, sampler: draw(4, num_steps, sampler), out_dir, cfg)
-
     if cfg.eval_samples:  # 500 images at a time, so memory stays small for any N
         torch.manual_seed(cfg.seed)
         chunks = [to_uint8(sample(model, min(500, cfg.eval_samples - n), cfg.sample_steps, device=device,
                                   sampler=cfg.sampler)) for n in range(0, cfg.eval_samples, 500)]
-        wrote += save_npz(out_dir / "samples.npz", images=torch.cat(chunks).numpy(),
-                          labels=np.full(cfg.eval_samples, -1, np.int64))
+        wrote += write_atomically(out_dir / "samples.npz", lambda f: np.savez_compressed(
+            f, images=torch.cat(chunks).numpy(), labels=np.full(cfg.eval_samples, -1)))
     return wrote
 
-
-def save_trajectory(states, out_dir, cfg, row_labels=None):
-    """trajectory.png (8 samples at 8 times from t=1 to 0) and trajectory.gif (up to 20 frames)."""
-    keep = sorted(set(torch.linspace(0, cfg.sample_steps, 8).round().long().tolist()))
-    frames = torch.stack([states[i] for i in keep], dim=1)  # [8 samples, times, C, H, W]
-    animate = sorted(set(torch.linspace(0, cfg.sample_steps, 20).round().long().tolist()))
-    return (save_grid(frames.flatten(0, 1), out_dir / "trajectory.png", ncol=len(keep), row_labels=row_labels,
-                      title="noise (t=1) -> data (t=0)", col_labels=[f"t={1 - i / cfg.sample_steps:.2f}" for i in keep])
-            + save_gif([states[i] for i in animate], out_dir / "trajectory.gif", ncol=4,
-                       titles=[f"t = {1 - i / cfg.sample_steps:.2f}" for i in animate]))
-
-
-def save_nfe_sweep(draw, out_dir, cfg):
-    """nfe_sweep.png: the same noise with at most 1, 2, 4, 8, 16 network evaluations and the
-    default's, one block of rows per sampler. Also prints how straight the paths are: the mean
-    squared difference between one Euler step (the straight-line guess x1 - v(x1, 1)) and the sample."""
-    nfes = sorted({1, 2, 4, 8, 16, NFE[cfg.sampler](cfg.sample_steps)})
-    rows = []
-    for sampler, cost in NFE.items():
-        steps = [max(s for s in range(1, n + 1) if cost(s) <= n) for n in nfes]  # the most steps within n
-        rows.append(torch.stack([draw(s, sampler) for s in steps], dim=1))  # [4, nfes, C, H, W]
-    one_step, final = draw(1, "euler"), draw(cfg.sample_steps, cfg.sampler)
-    print(f"straightness: one Euler step lands {(one_step - final).pow(2).mean():.4f} (mean squared "
-          f"difference) from the {cfg.sampler} sample; 0 would be perfectly straight paths", flush=True)
-    return save_grid(torch.cat(rows).flatten(0, 1), out_dir / "nfe_sweep.png", ncol=len(nfes),
-                     title="at most this many network evaluations (NFE)", col_labels=[f"NFE {n}" for n in nfes],
-                     row_labels=[name if i == 0 else "" for name in NFE for i in range(len(rows[0]))])
-
-
-class Previews:
-    """progress.png: the same noise, sampled with the EMA model at 6 evenly spaced steps of
-    training, one row each. The rows live in the checkpoint, so a resumed run keeps them."""
-
-    def __init__(self, cfg, extras):
-        self.cfg, self.rows = cfg, extras.setdefault("progress", {})
-        self.at = {round(cfg.steps * k / 6) for k in range(1, 7)}
-
-    def maybe_add(self, step, draw):
-        if step in self.at:
-            with torch.random.fork_rng():  # draws its own noise, and leaves training's random stream alone
-                torch.manual_seed(self.cfg.seed)
-                self.rows[step] = to_uint8(draw())
-
-    def save(self, path):
-        if not self.rows:
-            return []
-        steps = sorted(self.rows)
-        images = torch.cat([self.rows[s] for s in steps]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return save_grid(images, path, ncol=len(images) // len(steps), title="the same noise during training",
-                         row_labels=[f"step {s}" for s in steps])
-
-
 # ----------------------------------------------------------------------------- plumbing
-# Everything below is the machinery around the lesson: the command line and its checks,
-# checkpoints, signals, the training log and drawing pictures. A first read can skip it.
+# The machinery around the lesson: the command line and its checks, checkpoints, signals, the training log and
+# drawing pictures. A first read can skip it.
 
 def parse_config(argv=None):
     """Build Config from the command line: one flag per field, so the CLI cannot drift."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     parser.error = lambda message: parser.exit(2, f"error: {message} (--help lists every flag)\n")
-    comments = config_comments()
+    comments = dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.MULTILINE))
     for f in dataclasses.fields(Config):
         text = f"{comments[f.name]} (default: {f.default})".replace("%", "%%")
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
-        else:
-            parser.add_argument(f"--{f.name}", type=finite_float if f.type is float else f.type,
-                                metavar=f.type.__name__.upper(), help=text)
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
+            type=finite_float if f.type is float else f.type, metavar=f.type.__name__.upper())
+        parser.add_argument(f"--{f.name}", help=text, **kind)
     given = vars(parser.parse_args(argv))  # only the flags actually typed
     cfg = Config(**{**(TINY if given.get("tiny") else {}), **given})
-    problems = config_problems(cfg)
-    if problems:
+    if problems := config_problems(cfg):
         parser.error("; ".join(problems))
     return cfg, given
 
+# The rules a Config comment may end with ("; must be at least 1"): checked before anything is created.
+RULES = {"be at least 1": lambda v: v >= 1, "not be negative": lambda v: v >= 0, "be above 0": lambda v: v > 0,
+         "be in [0, 1)": lambda v: 0 <= v < 1, "be in [0, 1]": lambda v: 0 <= v <= 1}
 
 def config_problems(cfg):
-    """Every bad value in cfg, by flag name, so that a run stops before it loads or creates anything."""
-    at_least_1 = ("base_channels", "time_dim", "steps", "batch_size", "sample_steps", "num_samples", "ckpt_every")
-    problems = [f"--{name} must be at least 1" for name in at_least_1 if getattr(cfg, name) < 1]
-    not_negative = ("lr", "weight_decay", "warmup_steps", "eval_samples", "log_every")
-    problems += [f"--{name} must not be negative" for name in not_negative if getattr(cfg, name) < 0]
-    if cfg.grad_clip <= 0:
-        problems.append("--grad_clip must be above 0")
-    if not 0 <= cfg.ema_decay < 1:
-        problems.append("--ema_decay must be in [0, 1)")
-    if cfg.time_sampling not in ("logit_normal", "uniform"):
-        problems.append("--time_sampling must be logit_normal or uniform")
-    if cfg.sampler not in SAMPLERS:
-        problems.append(f"--sampler must be {' or '.join(SAMPLERS)}")
-    if cfg.base_channels % 8:
-        problems.append("--base_channels must divide by 8 (GroupNorm uses 8 groups)")
-    return problems
+    """Every value in cfg that breaks its field's rule, by flag name, then the model's own constraints."""
+    rules = dict(re.findall(r"^\s+(\w+): .*; must (.*)$", inspect.getsource(Config), re.MULTILINE))
+    problems = [f"--{name} must {rule}" for rule, ok in RULES.items() for name in rules
+                if rules[name] == rule and not ok(getattr(cfg, name))]
+    problems += [f"--{name} must {rule}" for name, rule in rules.items()
+                 if rule not in RULES and getattr(cfg, name) not in rule[3:].split(" or ")]  # "be a or b"
+    return problems + model_problems(cfg)
 
+def model_problems(cfg):
+    return ["--base_channels must divide by 8 (GroupNorm uses 8 groups)"] if cfg.base_channels % 8 else []
 
 def finite_float(text):
     """A float flag's type: nan and inf never reach the math."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not math.isfinite(value):
+    if not math.isfinite(value := float(text)):
         raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
     return value
-
-
-def config_comments():
-    """Each Config field's one-line comment, read from this file, for --help."""
-    return dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.MULTILINE))
-
 
 def check_out_dir(out_dir):
     """--out_dir must be a folder we can create or write to; checked before anything is created."""
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-    if not existing.is_dir():
-        raise SystemExit(f"error: --out_dir {out_dir} cannot be a folder: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"error: --out_dir {out_dir} is not writable: pass another --out_dir")
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --out_dir {out_dir} cannot be made: {existing} is "
+                         f"{'not writable' if existing.is_dir() else 'a file'}: pass another --out_dir")
 
-
-@contextmanager
-def removed_on_failure(folder):
-    """If the block fails, remove what it created of folder and its parents: a failed download
-    leaves no empty folders behind."""
+def download(fetch, folder, failed):
+    """fetch() a data set into folder, quietly; if it fails, remove the folders it made and stop with failed."""
+    print(f"downloading to {folder} ...", flush=True)
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        yield
-    except BaseException:
+        with redirect_stdout(io.StringIO()):  # torchvision prints every mirror
+            fetch()
+    except BaseException as error:
         if created:
             shutil.rmtree(created[-1], ignore_errors=True)
-        raise
+        raise SystemExit(failed) if isinstance(error, Exception) else error
 
-
-def load_checkpoint(path, flag="--out_dir"):
-    """Read a checkpoint of this script, named by flag; anything else stops with a clear message."""
+def load_checkpoint(path, given, flag="--out_dir"):
+    """Read a checkpoint of this script and return it with its config, the flags typed now on top.
+    Anything else, a flag that would change the model, or --resume with no steps left stops in one line."""
     if not path.is_file():
         raise SystemExit(f"error: no checkpoint at {path}: train first (without --resume/--sample_only), "
                          f"or pass another {flag}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        owner = ckpt["script"]
     except Exception:
         raise SystemExit(f"error: {path} is corrupt or not a checkpoint: delete it or pass another {flag}")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        owner = ckpt.get("script", "something else") if isinstance(ckpt, dict) else "something else"
+    if owner != SCRIPT:
         raise SystemExit(f"error: {path} was written by {owner}, not {SCRIPT}: pass another {flag}")
-    return ckpt
-
-
-def config_from_checkpoint(ckpt, given, path):
-    """The checkpoint's settings with the flags typed now on top. Flags that would change the
-    model are refused, by name; so is --resume with no steps left to train."""
     saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__}
     cfg = Config(**{**saved, **(TINY if given.get("tiny") else {}), **given})
     differ = [name for name in MODEL_FIELDS if name in saved and getattr(cfg, name) != saved[name]]
     if differ:
         flags = lambda values: " ".join(f"--{name} {values[name]}" for name in differ)  # noqa: E731
         raise SystemExit(f"error: {path} holds another model: it was trained with {flags(saved)}, not "
-                         f"{flags(vars(cfg))}: drop those flags or use another --out_dir")
+                         f"{flags(vars(cfg))}: drop those flags or use another {flag}")
     if cfg.resume and not cfg.sample_only and ckpt["step"] >= cfg.steps:
         raise SystemExit(f"error: {path} is at step {ckpt['step']} already: pass --steps above "
                          f"{ckpt['step']} to train on, or --sample_only to sample it")
-    problems = config_problems(cfg)
-    if problems:
-        raise SystemExit(f"error: {'; '.join(problems)}")
-    return cfg
-
+    return ckpt, cfg
 
 def restore(ckpt, parts, device, path):
     """Load every part (model, EMA, optimizer, ...) and the random state; return the step."""
     try:
         for name, part in parts.items():
-            if name in ckpt or not name.endswith("optimizer"):  # an older checkpoint may lack an optimizer
-                part.load_state_dict(ckpt[name])
+            part.load_state_dict(ckpt[name])
     except (RuntimeError, ValueError, KeyError):
         raise SystemExit(f"error: {path} holds a model of another shape: use another --out_dir")
-    if "rng" in ckpt:  # older checkpoints have none: their resumed runs draw other random numbers
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type != "cpu" and device.type in ckpt["rng"]:
-            getattr(torch, device.type).set_rng_state(ckpt["rng"][device.type])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type in ckpt["rng"] and device.type != "cpu":
+        getattr(torch, device.type).set_rng_state(ckpt["rng"][device.type])
     return ckpt["step"]
-
 
 def rng_states(device):
     """The random generators' states, so that a resumed run draws what the uninterrupted one would."""
-    states = {"cpu": torch.get_rng_state()}
-    if device.type != "cpu":
-        states[device.type] = getattr(torch, device.type).get_rng_state()
-    return states
-
+    accelerator = {} if device.type == "cpu" else {device.type: getattr(torch, device.type).get_rng_state()}
+    return {"cpu": torch.get_rng_state(), **accelerator}
 
 def save_checkpoint(path, cfg, step, parts, rng, extras):
-    """The config, the step, the random state, every part's state_dict and the extras, in one file."""
     state = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "step": step, "rng": rng,
              **{name: part.state_dict() for name, part in parts.items()}, **extras}
     write_atomically(path, lambda f: torch.save(state, f))
 
-
 def write_atomically(path, write):
-    """write(file) to a temporary file, then rename it to path: a crash or a full disk never
-    leaves half a file, and the file that was there stays intact. Returns [path's name]."""
+    """write(file) to a temporary file, then rename it to path: a crash or a full disk never leaves half a file,
+    and the file that was there stays intact. Returns [path's name]."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -621,11 +418,6 @@ def write_atomically(path, write):
                          f"or pass another --out_dir; the previous {path.name} is intact")
     return [path.name]
 
-
-def save_npz(path, **arrays):
-    return write_atomically(path, lambda f: np.savez_compressed(f, **arrays))
-
-
 @contextmanager
 def on_stop_signals(handler):
     """Inside, Ctrl-C (SIGINT) and SIGTERM (a closed laptop lid, a cluster's time limit) call handler."""
@@ -635,7 +427,6 @@ def on_stop_signals(handler):
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
-
 
 @contextmanager
 def one_line_errors():
@@ -647,7 +438,6 @@ def one_line_errors():
     except OSError as error:
         raise SystemExit(f"error: {error}")
 
-
 def check_finite(what, value, step, ckpt_path, saved_step):
     """Stop, before the weights change, when the loss or the gradient norm is nan or inf."""
     if not torch.isfinite(value):
@@ -655,35 +445,29 @@ def check_finite(what, value, step, ckpt_path, saved_step):
                 else "no checkpoint of this run was written yet: try a lower --lr")
         raise SystemExit(f"error: {what} became {value.item()} at step {step}; {kept}")
 
-
 class TrainingLog:
-    """A progress line every cfg.log_every seconds, and the same numbers in log.csv: step, loss,
-    lr, images/s, and the mean loss in ten bins of t, to see where on the path learning is hard."""
+    """A progress line every cfg.log_every seconds, and the same numbers in log.csv: step, loss, lr,
+    images/s, and the mean loss in ten bins of t, to see where on the path learning is hard."""
 
     def __init__(self, path, cfg, step, device, model):
-        self.cfg, self.first_step, self.last_step = cfg, step, step
+        self.cfg, self.first_step, self.last_step, self.start = cfg, step, step, time.time()
         self.file = open(path, "a" if cfg.resume else "w", newline="")
-        self.csv = csv.writer(self.file)
+        self.csv, self.by_time, self.losses, self.last = csv.writer(self.file), [], [], self.start
         if self.file.tell() == 0:  # a new file, also when a resume finds none
-            self.csv.writerow(["step", "loss", "lr", "images_per_s"]
-                              + [f"loss_t{k / 10:.1f}-{(k + 1) / 10:.1f}" for k in range(10)])
-        self.by_time, self.losses = [], []  # the loss function fills by_time with (t, loss per image)
-        self.start = self.last = time.time()
+            self.csv.writerow(["step", "loss", "lr", "images_per_s"] + [f"loss_t{k / 10:.1f}-{(k + 1) / 10:.1f}"
+                                                                        for k in range(10)])
         print(f"training {SCRIPT}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"steps {step}->{cfg.steps}, batch {cfg.batch_size}, on {device} "
-              f"({'bf16 autocast' if uses_bf16(device) else 'float32'})", flush=True)
+              f"steps {step}->{cfg.steps}, batch {cfg.batch_size}, on {device}", flush=True)
 
     def step(self, step, loss, lr):
         self.losses.append(loss)
-        now = time.time()
+        now, clock = time.time(), lambda seconds: time.strftime("%H:%M:%S", time.gmtime(seconds))
         if now - self.last < self.cfg.log_every and step not in (self.cfg.steps, self.first_step + 10):
             return
-        speed = (step - self.last_step) * self.cfg.batch_size / (now - self.last)
-        eta = (self.cfg.steps - step) * self.cfg.batch_size / speed
-        loss = sum(self.losses) / len(self.losses)
-        print(f"step {step:>6}/{self.cfg.steps} | loss {loss:.4f} | {speed:6.0f} img/s | "
-              f"{format_time(now - self.start)} elapsed | ETA {format_time(eta)}", flush=True)
-        records = self.by_time or [(torch.zeros(0), torch.zeros(0))]  # (t, loss per image) from the loss function
+        speed, loss = (step - self.last_step) * self.cfg.batch_size / (now - self.last), np.mean(self.losses)
+        print(f"step {step:>6}/{self.cfg.steps} | loss {loss:.4f} | {speed:6.0f} img/s | {clock(now - self.start)} "
+              f"elapsed | ETA {clock((self.cfg.steps - step) * self.cfg.batch_size / speed)}", flush=True)
+        records = self.by_time or [(torch.zeros(0), torch.zeros(0))]  # empty for a loss that records none
         t, loss_per_image = (torch.cat(column).float().cpu() for column in zip(*records))
         bins = (t * 10).long().clamp(0, 9)
         by_bin = [f"{loss_per_image[bins == k].mean():.5f}" if (bins == k).any() else "" for k in range(10)]
@@ -691,16 +475,41 @@ class TrainingLog:
         self.file.flush()
         self.last, self.last_step, self.losses, self.by_time[:] = now, step, [], []
 
-    def close(self):
-        self.file.close()
+def preview(draw, cfg):
+    """A row of progress.png: draw() from the seed's noise, leaving training's random stream alone."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return to_uint8(draw())
 
+def save_progress(rows, out_dir):
+    """progress.png: the same noise, sampled with the EMA model at 6 steps of training, a row each."""
+    images = torch.cat([rows[s] for s in sorted(rows)]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return save_grid(images, out_dir / "progress.png", ncol=len(images) // len(rows),
+                     title="the same noise during training", row_labels=[f"step {s}" for s in sorted(rows)])
 
-def format_time(seconds):
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+def save_trajectory(states, out_dir, cfg, row_labels=None):
+    """trajectory.png (8 samples at 8 times from t=1 to 0) and trajectory.gif (up to 20 frames)."""
+    keep, animate = (sorted(set(torch.linspace(0, cfg.sample_steps, n).round().long().tolist())) for n in (8, 20))
+    t = lambda i: f"{1 - i / cfg.sample_steps:.2f}"  # noqa: E731
+    return (save_grid(torch.stack([states[i] for i in keep], dim=1).flatten(0, 1), out_dir / "trajectory.png",
+                      ncol=len(keep), title="noise (t=1) -> data (t=0)", col_labels=[f"t={t(i)}" for i in keep],
+                      row_labels=row_labels)
+            + save_gif([states[i] for i in animate], out_dir / "trajectory.gif", 4, [f"t = {t(i)}" for i in animate]))
 
+def save_nfe_sweep(draw, out_dir, cfg):
+    """nfe_sweep.png: the same noise at most 1, 2, 4, 8, 16 network evaluations and the default's, one block
+    of rows per sampler. Prints how straight the paths are: how far one Euler step lands from the sample."""
+    nfes = sorted({1, 2, 4, 8, 16, NFE[cfg.sampler](cfg.sample_steps)})
+    rows = [torch.stack([draw(max(s for s in range(1, n + 1) if cost(s) <= n), sampler) for n in nfes], dim=1)
+            for sampler, cost in NFE.items()]  # per sampler [4, nfes, C, H, W], at the most steps within n NFE
+    one_step, final = draw(1, "euler"), draw(cfg.sample_steps, cfg.sampler)
+    print(f"straightness: one Euler step lands {(one_step - final).pow(2).mean():.4f} (mean squared "
+          f"difference) from the {cfg.sampler} sample; 0 would be perfectly straight paths", flush=True)
+    return save_grid(torch.cat(rows).flatten(0, 1), out_dir / "nfe_sweep.png", ncol=len(nfes),
+                     title="at most this many network evaluations (NFE)", col_labels=[f"NFE {n}" for n in nfes],
+                     row_labels=[name if i == 0 else "" for name in NFE for i in range(len(rows[0]))])
 
 FONT = ImageFont.load_default(size=12)  # Pillow's own font, at a size where spaces show
-
 
 def fit(text, width):
     """text, cut to at most width pixels: a 500-word prompt never makes a huge picture."""
@@ -709,90 +518,59 @@ def fit(text, width):
         text = text[:-2] + "…"
     return text
 
-
 def to_uint8(images):
     """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C]."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
-
 def grid_image(images, ncol, title="", col_labels=None, row_labels=None, scale=2):
     """Images [N, C, H, W] in [-1, 1] as one picture: a grid with a title, column and row labels."""
-    pixels = to_uint8(images).numpy()
-    n, h, w, c = pixels.shape
-    nrow = math.ceil(n / ncol)
-    grid = np.full((nrow * (h + 2), ncol * (w + 2), c), 255, np.uint8)
-    for i, img in enumerate(pixels):
-        r, k = divmod(i, ncol)
-        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, k * (w + 2) + 1:k * (w + 2) + 1 + w] = img
-    picture = Image.fromarray(grid.squeeze(-1) if c == 1 else grid).convert("RGB")
+    grid = make_grid((images.float().cpu().clamp(-1, 1) + 1) / 2, nrow=ncol, padding=2, pad_value=1)
+    picture = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy())
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    cell_w, cell_h = (w + 2) * scale, (h + 2) * scale
+    cell_w, cell_h = (images.shape[-1] + 2) * scale, (images.shape[-2] + 2) * scale
     header = 18 + (16 if col_labels else 0)
-    margin = min(240, max(FONT.getlength(label) for label in row_labels) + 8) if any(row_labels or []) else 0
-    width = max(margin + picture.width, min(FONT.getlength(title) + 8, 800))
-    canvas = Image.new("RGB", (int(width), picture.height + header), "white")
-    canvas.paste(picture, (int(margin), header))
+    margin = int(min(240, max(FONT.getlength(label) for label in row_labels) + 8)) if any(row_labels or []) else 0
+    canvas = Image.new("RGB", (int(max(margin + picture.width, min(FONT.getlength(title) + 8, 800))),
+                               picture.height + header), "white")
+    canvas.paste(picture, (margin, header))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 2), fit(title, width - 8), fill="black", font=FONT)
+    draw.text((4, 2), fit(title, canvas.width - 8), fill="black", font=FONT)
     for k, label in enumerate(col_labels or []):
-        draw.text((margin + k * cell_w + 2, 18), fit(label, cell_w - 4), fill="black", font=FONT)
+        draw.text((margin + k * cell_w + 4, 18), fit(label, cell_w - 4), fill="black", font=FONT)
     for r, label in enumerate(row_labels or []):
         draw.text((4, header + r * cell_h + cell_h // 2 - 7), fit(label, margin - 8), fill="black", font=FONT)
     return canvas
 
-
 def save_grid(images, path, ncol, title="", col_labels=None, row_labels=None, scale=2):
-    """Save images [N, C, H, W] in [-1, 1] as a grid PNG (see grid_image); returns [path's name]."""
     canvas = grid_image(images, ncol, title, col_labels, row_labels, scale)
     return write_atomically(path, lambda f: canvas.save(f, format="PNG"))
 
-
 def save_gif(states, path, ncol, titles):
-    """An animated GIF, one frame per state [N, C, H, W], holding the last frame for 2 seconds.
-    Each frame gets its own 128 colours, without dithering: noise compresses badly enough."""
+    """An animated GIF, a frame per state [N, C, H, W], the last held for 2 s; 128 colours a frame, undithered."""
     frames = [grid_image(x, ncol, title).quantize(128, dither=Image.Dither.NONE) for x, title in zip(states, titles)]
-    durations = [150] * (len(frames) - 1) + [2000]
     return write_atomically(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                                                            duration=durations, loop=0))
+                                                            duration=[150] * (len(frames) - 1) + [2000], loop=0))
 
-
-def plot_loss(log_path, path):
-    """loss.png from log.csv: the training loss against step, and the loss in each bin of t over
-    the second half of training (where on the path the flow is hard to learn)."""
-    with open(log_path, newline="") as f:
+def plot_loss(out_dir):
+    """loss.png from log.csv: the loss by step, and by t over the second half of training (where learning is hard)."""
+    with open(out_dir / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    bins = [name for name in rows[0] if name.startswith("loss_t")] if rows else []
-    late = rows[len(rows) // 2:]
-    by_time = [np.mean([float(r[b]) for r in late if r[b]] or [0.0]) for b in bins]
+    by_time = [np.mean([float(r[b]) for r in rows[len(rows) // 2:] if r[b]] or [0]) for b in rows[0] if "_t" in b]
     canvas = Image.new("RGB", (760, 260), "white")
     draw = ImageDraw.Draw(canvas)
-    chart(draw, (50, 30, 360, 220), [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows],
-          "training loss", "step")
-    chart(draw, (430, 30, 740, 220), list(range(len(bins))), by_time, "loss by t (second half of training)",
-          "t = 0 (data) ... 1 (noise)", bars=True)
-    return write_atomically(path, lambda f: canvas.save(f, format="PNG"))
-
-
-def chart(draw, box, xs, ys, title, x_label, bars=False):
-    """A minimal line or bar chart of ys against xs inside box (left, top, right, bottom)."""
-    left, top, right, bottom = box
-    draw.rectangle(box, outline="black")
-    draw.text((left, top - 18), title, fill="black", font=FONT)
-    draw.text((left, bottom + 6), x_label, fill="black", font=FONT)
-    if not ys:
-        return
-    low, high = min(0.0, min(ys)), max(ys) or 1.0
-    draw.text((left - 46, top - 6), f"{high:.3g}", fill="black", font=FONT)
-    draw.text((left - 46, bottom - 8), f"{low:.3g}", fill="black", font=FONT)
-    x_at = lambda x: left + (right - left) * (x - xs[0] + bars * 0.5) / (max(xs[-1] - xs[0], 1) + bars)  # noqa: E731
-    y_at = lambda y: bottom - (bottom - top) * (y - low) / (high - low or 1)  # noqa: E731
-    if bars:
-        width = (right - left) / (len(xs) + 1) * 0.8
-        for x, y in zip(xs, ys):
-            draw.rectangle((x_at(x) - width / 2, y_at(y), x_at(x) + width / 2, bottom), fill="steelblue")
-    else:
-        draw.line([(x_at(x), y_at(y)) for x, y in zip(xs, ys)], fill="steelblue", width=2)
-
+    charts = ((50, [float(r["loss"]) for r in rows], f"training loss, steps 1 to {rows[-1]['step']}", False),
+              (430, by_time, "loss by t = 0 (data) ... 1 (noise), second half", True))
+    for left, ys, title, bars in charts:
+        right, top, bottom, high = left + 310, 30, 220, max(ys) or 1.0
+        draw.rectangle((left, top, right, bottom), outline="black")
+        draw.text((left, top - 18), title, fill="black", font=FONT)
+        draw.text((left - 46, top - 6), f"{high:.3g}", fill="black", font=FONT)  # the axis starts at 0
+        xy = [(left + (right - left) * (i + bars / 2) / max(len(ys) - 1 + bars, 1), bottom - (bottom - top) * y / high)
+              for i, y in enumerate(ys)]
+        for x, y in xy if bars else []:
+            draw.rectangle((x - 12, y, x + 12, bottom), fill="steelblue")
+        draw.line(xy if not bars and len(xy) > 1 else [], fill="steelblue", width=2)
+    return write_atomically(out_dir / "loss.png", lambda f: canvas.save(f, format="PNG"))
 
 # ----------------------------------------------------------------------------- main
 
@@ -801,21 +579,15 @@ def main(argv=None):
     with on_stop_signals(signal.default_int_handler), one_line_errors():  # SIGTERM acts like Ctrl-C
         out_dir = Path(cfg.out_dir or Path("out") / SCRIPT)
         check_out_dir(out_dir)
-        ckpt = None
-        if cfg.resume or cfg.sample_only:
-            ckpt = load_checkpoint(out_dir / "ckpt.pt")
-            cfg = config_from_checkpoint(ckpt, given, out_dir / "ckpt.pt")
+        ckpt, cfg = load_checkpoint(out_dir / "ckpt.pt", given) if cfg.resume or cfg.sample_only else (None, cfg)
         device = get_device(cfg.device)
         torch.manual_seed(cfg.seed)
-
         model = build_model(cfg).to(device)
         ema_model = copy.deepcopy(model).requires_grad_(False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         parts = dict(model=model, ema=ema_model, optimizer=optimizer)  # what a checkpoint holds
-        extras, step, wrote = {"progress": {}}, 0, []  # beside the parts: the progress.png rows so far
-        if ckpt:
-            step = restore(ckpt, parts, device, out_dir / "ckpt.pt")
-            extras = {name: ckpt.get(name, value) for name, value in extras.items()}
+        extras = {"progress": ckpt["progress"] if ckpt else {}}  # beside the parts: progress.png's rows so far
+        step, wrote = restore(ckpt, parts, device, out_dir / "ckpt.pt") if ckpt else 0, []
         if not cfg.sample_only:
             images = load_mnist(cfg.data_dir, device)
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -823,7 +595,6 @@ def main(argv=None):
             step = cfg.steps
         wrote += write_outputs(ema_model, cfg, out_dir, device, step)
         print(f"wrote {', '.join(wrote)} to {out_dir}", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -1,62 +1,28 @@
 """Step 5: a miniature Stable Diffusion: the text-to-image flow of step 4, in a VAE's latent space.
 
 What this step adds
-    The flow, the text conditioning and the guidance of step 4 are unchanged: path
-    x_t = (1 - t) * x0 + t * x1 (1), velocity v = x1 - x0 (2), loss || v_theta - v ||^2 (3),
-    Euler x_{t - dt} = x_t - dt * v_theta (4) or Heun (4b), CFG v = v_uncond + w * (v_cond - v_uncond)
-    (5), cross-attention to the text tokens (6).
-    What changes is where the flow runs. Pixels are expensive: most of a 32x32x3 image is detail
-    that a small network learns late. Latent diffusion (Rombach et al. 2022) first learns a
-    compact code, then runs the flow on the code:
-    Stage 1: a VAE compresses each image to a 4x8x8 latent (12x fewer numbers) and back.
-        loss = mean over pixel values of (decode(z) - x)^2
-               + kl_weight * mean over latent numbers of KL(q(z | x) || N(0, I)),
+    Step 4's flow, text conditioning and guidance, (1) to (6), now run on a compact code of the image, as in latent
+    diffusion (Rombach et al. 2022): most of a 32x32x3 image is detail that a small network learns late.
+    Stage 1: a VAE compresses each image to a 4x8x8 latent (12x fewer numbers) and back:
+        loss = mean (decode(z) - x)^2 + kl_weight * mean KL(q(z | x) || N(0, I)),
         KL per latent number = 1/2 * (mean^2 + sigma^2 - 1 - log sigma^2)                 (7)
-    Both terms are means, so kl_weight does not depend on the image size; summed over one
-    32x32x3 image and its 4x8x8 latent, the KL's weight is 3072 / 256 = 12 times kl_weight.
-    The whole dataset is then encoded once, and the latents are scaled to unit standard
-    deviation, the spread of the noise the flow starts from.
-    Stage 2: the DiT of step 4 learns the flow from noise to latents: 16 tokens instead of 64,
-    so each training step is several times cheaper. Sampling runs the flow in latent space,
-    undoes the scaling, and the VAE's decoder turns the latent into pixels.
-    --vae_downscale 8 adds a third stride-2 stage, as Stable Diffusion's VAE has (512x512 ->
-    64x64 latents): a 64x64 image then gives the same 4x8x8 latent, and the same cheap DiT,
-    as a 32x32 image with the default 4x VAE. The DiT's cost is set by the latent grid, not by
-    the image, so the larger factor is what makes high resolutions affordable; its price is
-    the detail that the decoder has to put back.
+    Stage 2: the DiT of step 4 learns the flow to the data's latents, scaled to unit standard deviation: 16 tokens
+    instead of 64, each step several times cheaper. Sampling ends with the VAE's decoder turning latents into pixels.
+    --vae_downscale 8 (as in Stable Diffusion) gives 64x64 images the 4x8x8 latents, and cheap DiT, of 32x32 ones.
 
 Run it
     python 05_latent_vae.py                      # full run (downloads CIFAR-10 and CLIP)
     python 05_latent_vae.py --tiny               # a few seconds, to see that it works
     python 05_latent_vae.py --vae_ckpt out/05_latent_vae/ckpt.pt --out_dir out/05b  # reuse a trained VAE
-    python 05_latent_vae.py --sample_only --prompts "a photo of a ship" "a photo of a red car"
 
 What to expect
-    About 35 minutes on a slow 2-core CPU (24 on a faster one; a GPU is much faster): 9 to train
-    the VAE (about 180 images/s), 2 to encode the data, 24 for the flow on latents (about 540
-    images/s, 4 times step 4's), seconds for the pictures. out/05_latent_vae/ then holds
-    recon.png (held-out images above their reconstructions), samples.png (a row per prompt),
-    cfg_sweep.png, colours.png, attention.png, trajectory.png and .gif, nfe_sweep.png,
-    progress.png, loss.png, log.csv (stage 2), vae_log.csv (stage 1) and ckpt.pt (the VAE
-    included).
+    About 35 minutes on a 2-core laptop CPU: 9 to train the VAE, 2 to encode the data, 24 for the flow on latents.
+    Then out/05_latent_vae/ holds recon.png (held-out images above their reconstructions), samples.png, cfg_sweep.png,
+    colours.png, attention.png, trajectory.png/.gif, nfe_sweep.png, progress.png, loss.png, log.csv, vae_log.csv.
 """
 
-import argparse
-import copy
-import csv
-import dataclasses
-import inspect
-import io
-import math
-import os
-import re
-import shutil
-import signal
-import socket
-import time
-import urllib.parse
+import argparse, copy, csv, dataclasses, inspect, io, math, os, re, shutil, signal, time
 from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,188 +33,141 @@ import transformers
 from PIL import Image, ImageDraw, ImageFont
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, ImageFolder
+from torchvision.utils import make_grid
 from transformers import AutoModelForTextEncoding, AutoTokenizer
 
 SCRIPT = Path(__file__).stem  # written into checkpoints, so another script's are refused
 
-
 # ----------------------------------------------------------------------------- config
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    # data and outputs
     data_dir: str = "./data"  # CIFAR-10 is downloaded here when missing; or a folder of class sub-folders
-    img_size: int = 32  # images are resized and center-cropped to this (CIFAR-10 is 32x32)
-    train_images: int = 0  # train on this many images, picked at random; 0 = all of them
-    captions: str = "colour"  # "colour": "a photo of a red car", the colour read from each image; "class": no colour
+    img_size: int = 32  # images are resized and center-cropped to this (CIFAR-10 is 32x32); must be at least 1
+    train_images: int = 0  # train on this many images, picked at random; 0 = all of them; must not be negative
+    captions: str = "colour"  # with the colour read from each image ("a red car"), or not; must be colour or class
     out_dir: str = ""  # where outputs go; empty means out/<script name>
-    # model
     text_encoder: str = "openai/clip-vit-base-patch32"  # frozen; a hub id or a local folder, CLIP or not
-    latent_channels: int = 4  # the VAE turns a 3x32x32 image into a 4x8x8 latent
-    vae_channels: int = 32  # the VAE's convolution width at full size (twice that below)
+    latent_channels: int = 4  # the VAE turns a 3x32x32 image into a 4x8x8 latent; must be at least 1
+    vae_channels: int = 32  # the VAE's convolution width at full size (twice that below); must be at least 1
     vae_downscale: int = 4  # how much the VAE shrinks each side: 4 (32x32 -> 8x8) or 8, as Stable Diffusion's
-    patch_size: int = 2  # 8x8 latent -> 4x4 = 16 tokens of 2x2 latent pixels
-    embed_dim: int = 128  # token width
-    depth: int = 6  # DiT blocks
-    num_heads: int = 4  # attention heads (embed_dim must divide by it)
-    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
-    # training, stage 1: the VAE
-    vae_steps: int = 1500  # VAE optimizer steps
-    vae_batch_size: int = 64  # images per VAE step
-    vae_lr: float = 1e-3  # VAE learning rate (the same warmup as stage 2)
-    vae_weight_decay: float = 0.01  # AdamW weight decay of the VAE
-    kl_weight: float = 1e-5  # weight of the KL term (7) in the VAE loss: small, as in Stable Diffusion
-    vae_test_images: int = 1000  # held out of training, to measure the VAE's reconstructions (PSNR)
+    patch_size: int = 2  # 8x8 latent -> 4x4 = 16 tokens of 2x2 latent pixels; must be at least 1
+    embed_dim: int = 128  # token width; must be at least 1
+    depth: int = 6  # DiT blocks; must be at least 1
+    num_heads: int = 4  # attention heads (embed_dim must divide by it); must be at least 1
+    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim; must be above 0
+    vae_steps: int = 1500  # stage 1: VAE optimizer steps; must be at least 1
+    vae_batch_size: int = 64  # images per VAE step; must be at least 1
+    vae_lr: float = 1e-3  # VAE learning rate (the same warmup as stage 2); must not be negative
+    vae_weight_decay: float = 0.01  # AdamW weight decay of the VAE; must not be negative
+    kl_weight: float = 1e-5  # weight of the KL term (7): small, as in Stable Diffusion's; must not be negative
+    vae_test_images: int = 1000  # held out of training, to measure the VAE's reconstructions (PSNR); must be at least 1
     vae_ckpt: str = ""  # reuse the VAE of this 05 checkpoint and skip stage 1
-    # training, stage 2: the flow on latents
-    steps: int = 6000  # optimizer steps (16 to 24 minutes on a 2-core CPU)
-    batch_size: int = 128  # latents per step (twice step 4's: latent steps are cheap, bigger ones use the CPU better)
-    lr: float = 1e-3  # learning rate, after a linear warmup
-    warmup_steps: int = 100  # linear warmup from 0 to lr, then constant
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # clip the gradient norm to this
+    steps: int = 6000  # stage 2: optimizer steps of the flow on latents; must be at least 1
+    batch_size: int = 128  # latents per step (twice step 4's: latent steps are cheap); must be at least 1
+    lr: float = 1e-3  # learning rate, after a linear warmup; must not be negative
+    warmup_steps: int = 100  # linear warmup from 0 to lr, then constant; must not be negative
+    weight_decay: float = 0.0  # AdamW weight decay; must not be negative
+    grad_clip: float = 1.0  # clip the gradient norm to this; must be above 0
     ema: bool = True  # sample with an exponential moving average of the weights
-    ema_decay: float = 0.999  # EMA decay: an average over the last 1 / (1 - decay) steps
-    time_sampling: str = "logit_normal"  # how training picks t: "logit_normal" or "uniform"
-    text_dropout: float = 0.1  # chance that a training caption becomes the empty prompt (for CFG)
-    # sampling
-    sampler: str = "heun"  # "euler" (4) or "heun" (4b)
-    sample_steps: int = 4  # sampler steps from t=1 to t=0 (N Heun steps cost 2N - 1 network evaluations)
+    ema_decay: float = 0.999  # EMA decay: an average over the last 1 / (1 - decay) steps; must be in [0, 1)
+    time_sampling: str = "logit_normal"  # how training picks t; must be logit_normal or uniform
+    text_dropout: float = 0.1  # chance that a training caption becomes the empty prompt (for CFG); must be in [0, 1]
+    sampler: str = "heun"  # "euler" (4) or "heun" (4b); must be euler or heun
+    sample_steps: int = 4  # sampler steps from t=1 to 0 (N Heun steps: 2N - 1 NFE); must be at least 1
     prompts: tuple = ()  # what samples.png draws, e.g. --prompts "a photo of a cat" "a red car"; () = one per class
-    num_samples: int = 80  # images in samples.png, one row per prompt
-    cfg_scale: float = 7.5  # guidance w in eq. (5): 0 unconditional, 1 conditional, >1 guided
-    eval_samples: int = 0  # if > 0, also write this many samples to samples.npz
-    # run
+    num_samples: int = 80  # images in samples.png, one row per prompt; must be at least 1
+    cfg_scale: float = 7.5  # guidance w in eq. (5): 0 unconditional, 1 conditional, >1 guided; must not be negative
+    eval_samples: int = 0  # if > 0, also write this many samples to samples.npz; must not be negative
     seed: int = 0  # makes a run repeatable on one device
     device: str = "auto"  # auto picks cuda, then mps, then cpu
-    log_every: float = 5.0  # seconds between progress lines
-    ckpt_every: int = 500  # steps between checkpoints
+    log_every: float = 5.0  # seconds between progress lines; must not be negative
+    ckpt_every: int = 500  # steps between checkpoints; must be at least 1
     resume: bool = False  # continue training from out_dir/ckpt.pt
     sample_only: bool = False  # load out_dir/ckpt.pt and only write the outputs
     tiny: bool = False  # a seconds-long run with a tiny model, for tests and a first look
 
-
-# --tiny shrinks everything that costs time; flags given explicitly still win.
-TINY = dict(embed_dim=32, depth=2, num_heads=2, steps=20, batch_size=16, warmup_steps=5,
-            sample_steps=4, num_samples=16, log_every=1.0, train_images=512,
-            vae_channels=8, vae_steps=10, vae_batch_size=16, vae_test_images=3)
-
-# The fields that define the model: a checkpoint is only loaded where they match.
+# --tiny shrinks what costs time (flags typed still win); a checkpoint only loads where the model's fields match.
+TINY = dict(embed_dim=32, depth=2, num_heads=2, steps=20, batch_size=16, warmup_steps=5, num_samples=16, log_every=1.0,
+            train_images=512, vae_channels=8, vae_steps=10, vae_batch_size=16, vae_test_images=3)
 MODEL_FIELDS = ("text_encoder", "img_size", "latent_channels", "vae_channels", "vae_downscale", "patch_size",
                 "embed_dim", "depth", "num_heads", "mlp_ratio")
-
 
 # ----------------------------------------------------------------------------- device
 
 def get_device(name="auto"):
     """cuda, then mps, then cpu; --device forces one."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: unknown --device {name!r}: use auto, cpu, cuda or mps")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        raise SystemExit(f"error: --device {name} is not available here: use --device auto")
-    return device
-
-
-def uses_bf16(device):
-    """bf16 autocast only on a GPU that computes in bf16 natively; float32 everywhere else."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-
+        name = next(kind for kind, ok in available.items() if ok)
+    if not available.get(name.split(":")[0]):
+        raise SystemExit(f"error: --device {name} is not available here: use --device auto, cpu, cuda or mps")
+    return torch.device(name)
 
 def autocast(device):
-    """bf16 autocast where uses_bf16 (faster, same results in practice); float32 elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
-
+    """bf16 autocast only on a GPU that computes in bf16 natively; float32 everywhere else."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 # ----------------------------------------------------------------------------- data
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
 
 def make_caption(class_name):
     """A class or folder name as a prompt in the form CLIP knows best: "a photo of a cat"."""
     name = class_name.replace("_", " ")
     return f"a photo of {'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
-
 def make_cifar10_captions(labels):
     """CIFAR-10 class indices -> captions: 0 -> "a photo of an airplane", 3 -> "a photo of a cat"."""
     return [make_caption(CIFAR10_CLASSES[int(label)]) for label in labels]
 
-
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "brown", "white", "gray", "black")
-HUE_EDGES = torch.tensor([15.0, 40, 70, 165, 260, 330])  # degrees: red|orange|yellow|green|blue|purple|red
-
 
 def colour_of(image):
-    """The colour of the object in a uint8 image [S, S, 3], or None where the rule is unsure.
-
-    CIFAR-10 objects sit in the middle, so only the central half of each side counts. Each of its
-    pixels is named from hue, saturation and brightness (HSV, all in [0, 1]): too dark is black,
-    too grey is white or gray, anything else by its hue, with dark orange called brown. The image
-    gets the most common name if at least 40% of the centre has it, else none."""
+    """The colour of the object in a uint8 image [S, S, 3]: the name (from HSV) of most pixels in the central half
+    of each side, where CIFAR-10 objects sit, if at least 40% of them have it; else None."""
     s = image.shape[0]
     centre = np.ascontiguousarray(image[s // 4:s - s // 4, s // 4:s - s // 4])
     hue, sat, value = torch.from_numpy(np.array(Image.fromarray(centre).convert("HSV"))).float().div(255).unbind(-1)
-    index = {colour: i for i, colour in enumerate(COLOURS)}
-    name = torch.tensor([0, 1, 2, 3, 4, 5, 0])[torch.bucketize(hue * 360, HUE_EDGES)]  # red .. purple, red
-    name = torch.where((name == index["orange"]) & (value < 0.6), index["brown"], name)  # dark orange
-    no_colour = torch.where(value > 0.75, index["white"], index["gray"])
-    name = torch.where(sat < 0.2, no_colour, name)  # too little saturation for a hue
-    name = torch.where(value < 0.2, index["black"], name)  # too dark for a hue
+    c = {colour: i for i, colour in enumerate(COLOURS)}
+    hue_edges = torch.tensor([15.0, 40, 70, 165, 260, 330])  # degrees: red|orange|yellow|green|blue|purple|red
+    name = torch.tensor([0, 1, 2, 3, 4, 5, 0])[torch.bucketize(hue * 360, hue_edges)]
+    name = torch.where((name == c["orange"]) & (value < 0.6), c["brown"], name)  # dark orange
+    name = torch.where(sat < 0.2, torch.where(value > 0.75, c["white"], c["gray"]), name)  # too grey for a hue
+    name = torch.where(value < 0.2, c["black"], name)  # too dark for a hue
     counts = name.flatten().bincount(minlength=len(COLOURS))
     return COLOURS[counts.argmax()] if counts.max() >= 0.4 * name.numel() else None
 
-
 def describe(image, class_name, captions):
-    """One image's training caption: "a photo of a red car" with --captions colour, except where
-    colour_of is unsure or the class name has a colour already (red_car); "a photo of a car" with class."""
-    colour = colour_of(image) if captions == "colour" else None
-    if colour is None or any(word in COLOURS for word in class_name.split("_")):
-        return make_caption(class_name)
-    return make_caption(f"{colour} {class_name}")
-
+    """One image's caption: "a photo of a red car", or "a photo of a car" where colour_of is unsure, the class name
+    has a colour already (red_car) or --captions is class."""
+    colour = colour_of(image) if captions == "colour" and not set(class_name.split("_")) & set(COLOURS) else None
+    return make_caption(f"{colour} {class_name}" if colour else class_name)
 
 def class_named_in(prompt, classes):
     """The index of the class that a prompt names ("a photo of a red cat" -> cat's), -1 if none."""
     words = " " + " ".join(re.findall(r"[a-z0-9]+", prompt.lower())) + " "
-    named = [i for i, name in enumerate(classes) if f" {name.replace('_', ' ').lower()} " in words]
-    return named[0] if named else -1
-
+    return next((i for i, name in enumerate(classes) if f" {name.replace('_', ' ').lower()} " in words), -1)
 
 def open_dataset(data_dir, transform):
-    """data_dir as a folder of images in class sub-folders, or CIFAR-10 there (downloaded into
-    it when it holds nothing else). Returns the dataset and its class names."""
+    """data_dir as a folder of images in class sub-folders, or CIFAR-10 there (downloaded into it when it holds
+    nothing else). Returns the dataset and its class names."""
     root = Path(data_dir)
     if root.exists() and not root.is_dir():
         raise SystemExit(f"error: --data_dir {root} is a file: pass a folder")
-    known = ("cifar-10-batches-py", "cifar-10-python.tar.gz", "MNIST")  # what the scripts download there
-    if root.is_dir() and any(p.name not in known for p in root.iterdir()):
+    if root.is_dir() and any(p.name not in ("cifar-10-batches-py", "cifar-10-python.tar.gz", "MNIST")
+                             for p in root.iterdir()):  # anything but what the scripts download there
         return open_image_folder(root, transform)
     if not (root / "cifar-10-batches-py").is_dir():
-        print(f"downloading CIFAR-10 to {data_dir} ...", flush=True)
-        try:
-            with removed_on_failure(root / "cifar-10-batches-py"), redirect_stdout(io.StringIO()):
-                CIFAR10(data_dir, train=True, download=True)  # torchvision prints its progress
-        except Exception:
-            raise SystemExit(
-                f"error: CIFAR-10 is not in {data_dir} and could not be downloaded: put cifar-10-python.tar.gz "
-                f"in {data_dir}, or pass --data_dir a folder of images in class sub-folders (cat/1.jpg, ...)")
+        download(lambda: CIFAR10(data_dir, train=True, download=True), root / "cifar-10-batches-py",
+                 f"error: CIFAR-10 is not in {data_dir} and could not be downloaded: put cifar-10-python.tar.gz in "
+                 f"{data_dir}, or pass --data_dir a folder of images in class sub-folders (cat/1.jpg, ...)")
     try:
         return CIFAR10(data_dir, train=True, transform=transform), list(CIFAR10_CLASSES)
     except Exception:
         raise SystemExit(f"error: the CIFAR-10 files in {root / 'cifar-10-batches-py'} are corrupt or incomplete: "
                          f"delete them to download them again")
-
 
 def open_image_folder(root, transform):
     """root/<class name>/<image>: torchvision's ImageFolder, and its class names."""
@@ -256,34 +175,26 @@ def open_image_folder(root, transform):
     if "train" in classes and set(classes) <= {"train", "test", "val", "valid"}:
         raise SystemExit(f"error: {root} holds the splits {', '.join(classes)}, not classes: "
                          f"pass --data_dir {root / 'train'}")
-    if not classes:
-        raise SystemExit(f"error: {root} has no class sub-folders: put the images in {root}/<class name>/")
     try:
         folder = ImageFolder(root, transform=transform)
-    except FileNotFoundError as error:  # a class folder with no image in it
-        raise SystemExit(f"error: {root}: {error}")
+    except FileNotFoundError as error:  # no class sub-folder, or one with no image in it
+        raise SystemExit(f"error: {root} has no class sub-folders of images ({error}): put them in {root}/<class>/")
     return folder, folder.classes
 
-
 def load_images(data_dir, img_size, device, train_images=0, captions="colour"):
-    """The training images as one uint8 tensor [N, 3, S, S] on the device, the index of each
-    one's caption [N], the distinct captions (see describe) and the class names; train_images > 0
-    picks that many at random.
-
-    The images are decoded once, so batches are drawn by index: no DataLoader, no per-image work.
-    """
+    """The images, decoded once (batches are drawn by index), as uint8 [N, 3, S, S] on the device, the index of
+    each one's caption [N], the distinct captions and the class names; train_images > 0 picks that many at random."""
     resize = transforms.Compose([transforms.Resize(img_size), transforms.CenterCrop(img_size)])
     dataset, classes = open_dataset(data_dir, resize)
     picked = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:train_images or None]
     print(f"decoding {len(picked)} images of {len(classes)} classes ...", flush=True)
-    images = torch.stack([decode(dataset, i) for i in picked.sort().values.tolist()])
-    class_labels = torch.tensor(dataset.targets)[picked.sort().values]
-    texts = [describe(image.numpy(), classes[label], captions) for image, label in zip(images, class_labels)]
+    order = picked.sort().values.tolist()
+    images = torch.stack([decode(dataset, i) for i in order])
+    texts = [describe(image.numpy(), classes[dataset.targets[i]], captions) for image, i in zip(images, order)]
     distinct = sorted(set(texts))
     labels = torch.tensor([distinct.index(text) for text in texts])
     print(f"{len(distinct)} distinct captions, e.g. {distinct[len(distinct) // 2]!r}", flush=True)
     return images.permute(0, 3, 1, 2).to(device), labels.to(device), distinct, classes
-
 
 def decode(dataset, i):
     """Image i as a uint8 tensor [S, S, 3]; a file that is not a readable image stops the run, by name."""
@@ -293,15 +204,11 @@ def decode(dataset, i):
         name = dataset.samples[i][0] if hasattr(dataset, "samples") else f"image {i}"
         raise SystemExit(f"error: cannot read {name} ({error}): delete or replace it")
 
-
 def get_batch(images, labels, batch_size):
-    """A random batch scaled from uint8 [0, 255] to float [-1, 1], with its labels.
-    Half the images are mirrored left-right: a cat facing left is as much a cat."""
+    """A random batch scaled from uint8 [0, 255] to float [-1, 1], with its labels, half of it mirrored left-right."""
     idx = torch.randint(len(images), (batch_size,), device=images.device)
-    x = images[idx].float() / 127.5 - 1
-    mirrored = torch.rand(batch_size, 1, 1, 1, device=x.device) < 0.5
+    x, mirrored = images[idx].float() / 127.5 - 1, torch.rand(batch_size, 1, 1, 1, device=images.device) < 0.5
     return torch.where(mirrored, x.flip(3), x), labels[idx]
-
 
 def hold_out(images, labels, n):
     """Split off n random images that neither stage trains on: the VAE's test images."""
@@ -311,123 +218,69 @@ def hold_out(images, labels, n):
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).to(images.device)
     return images[order[n:]], labels[order[n:]], images[order[:n]]
 
-
-def get_latent_batch(latents, labels, batch_size):
-    """A random batch of (already scaled) latents, with their labels."""
-    idx = torch.randint(len(latents), (batch_size,), device=latents.device)
-    return latents[idx], labels[idx]
-
-
 # ----------------------------------------------------------------------------- model
 
 class TimeEmbedding(nn.Module):
     """t in [0, 1] -> sinusoidal features (as in the Transformer) -> MLP."""
-
     def __init__(self, dim, freq_dim=128, max_period=10000.0):
         super().__init__()
-        half = freq_dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half))
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(freq_dim // 2) / (freq_dim // 2)))
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
         angles = 1000 * t[:, None] * self.freqs[None]  # scale t so that small steps in t matter
         return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
 
-
-def hub_reachable(timeout=3.0):
-    """Whether the Hugging Face hub answers at all: without a network, loading an encoder that
-    is not on disk then fails in seconds instead of after the hub's retries."""
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 class CLIPTextEncoder:
-    """A frozen pretrained text encoder: prompts -> one embedding per token, and a padding mask.
-
-    By default CLIP's text tower (Radford et al. 2021), trained on 400M image-caption pairs to
-    match images, so its embeddings carry visual meaning. model_name is a hub id or a local
-    folder; any other Hugging Face text encoder (a BERT, T5's encoder, ...) works too, through
-    its last hidden state, so you can compare encoders. It is never trained: eval mode, no gradients.
-    """
+    """A frozen pretrained text encoder: prompts -> an embedding per token and a padding mask. By default CLIP's text
+    tower (Radford et al. 2021), trained on 400M image-caption pairs, so its embeddings carry visual meaning; any
+    Hugging Face text encoder (a hub id or a local folder: BERT, T5's encoder, ...) works through its last layer."""
 
     def __init__(self, model_name="openai/clip-vit-base-patch32", device=None):
         self.device = torch.device(device or "cpu")
-        local_only = Path(model_name).is_dir() or not hub_reachable()  # the local folder or cache only
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name, local_files_only=local_only)
-        self.model = AutoModelForTextEncoding.from_pretrained(model_name, local_files_only=local_only)
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name)
+        self.model = AutoModelForTextEncoding.from_pretrained(model_name).to(self.device).eval().requires_grad_(False)
         self.is_clip = self.model.config.model_type.startswith("clip")
         if self.tokenizer.pad_token is None:  # GPT-style tokenizers have none; padding is masked out anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.embed_dim = self.model.config.hidden_size  # 512 for CLIP ViT-B/32
-        # CLIP reads 77 tokens at most; a smaller model or tokenizer may read fewer
-        positions = getattr(self.model.config, "max_position_embeddings", 77)
+        positions = getattr(self.model.config, "max_position_embeddings", 77)  # CLIP reads 77 tokens at most
         self.max_length = min(self.tokenizer.model_max_length, positions, 77)
 
-    def __call__(self, prompts):
-        """A prompt or a list of B prompts -> token embeddings [B, max_length, embed_dim] and
-        the attention mask [B, max_length]: True for real tokens, False for padding."""
-        embeddings, mask, _ = self.run(prompts)
-        return embeddings, mask
-
-    def encode(self, prompts, return_pooled=False):
-        """Token embeddings [B, max_length, embed_dim]; return_pooled=True adds one vector per
-        prompt [B, embed_dim] (CLIP: its end-of-text token; others: the mean of the real tokens)."""
-        embeddings, _, pooled = self.run(prompts)
-        return (embeddings, pooled) if return_pooled else embeddings
-
     @torch.no_grad()
-    def run(self, prompts):
-        """Tokenize (padded to max_length), encode: token embeddings, mask and pooled vectors."""
+    def __call__(self, prompts, return_pooled=False):
+        """A prompt or B prompts -> token embeddings [B, max_length, embed_dim] and mask [B, max_length] (True: a
+        real token); return_pooled adds a vector per prompt [B, embed_dim] (CLIP: end-of-text token; else the mean)."""
         tokens = self.tokenizer([prompts] if isinstance(prompts, str) else list(prompts), padding="max_length",
                                 max_length=self.max_length, truncation=True, return_tensors="pt").to(self.device)
         out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         mask = tokens["attention_mask"].bool()
-        if self.is_clip:
-            pooled = out.pooler_output
-        else:
-            pooled = (out.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return out.last_hidden_state, mask, pooled
+        mean = (out.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        pooled = out.pooler_output if self.is_clip else mean
+        return (out.last_hidden_state, mask, pooled) if return_pooled else (out.last_hidden_state, mask)
 
+    def encode(self, prompts, return_pooled=False):
+        """Token embeddings [B, max_length, embed_dim], and with return_pooled the pooled vectors [B, embed_dim]."""
+        return self(prompts, return_pooled=True)[::2] if return_pooled else self(prompts)[0]
 
 def encode_prompts(text_encoder, prompts, device):
-    """Token embeddings [P + 1, M, D] and mask [P + 1, M] of the prompts and, last, of the
-    empty prompt "" (the unconditional input of CFG), on the device.
-
-    Token positions that are padding in every prompt are cut off: they would get no attention
-    anyway, so this changes no result, only the cost (CLIP pads to 77; our captions need ~8).
-    """
+    """Token embeddings [P + 1, M, D] and mask [P + 1, M] of the prompts and, last, the empty prompt "" (CFG's
+    unconditional input), on the device, without the positions that are padding in all (CLIP pads to 77)."""
     embeddings, mask = text_encoder(list(prompts) + [""])
     used = mask.any(dim=0)
     return embeddings[:, used].to(device), mask[:, used].to(device)
 
-
-class ResBlock(nn.Module):
+class ResBlock(nn.Sequential):
     """Two 3x3 convolutions with a skip connection: x + f(x)."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.block = nn.Sequential(
-            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+    def __init__(self, c):
+        super().__init__(*[m for _ in range(2) for m in (nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))])
 
     def forward(self, x):
-        return x + self.block(x)
-
+        return x + super().forward(x)
 
 class VAE(nn.Module):
-    """A small convolutional variational autoencoder (Kingma & Welling 2014), the first stage of
-    Stable Diffusion: image [3, H, W] -> encoder -> mean and log-variance of a latent
-    [latent_channels, H/downscale, W/downscale] -> a sample z -> decoder -> image.
-
-    scale_factor maps latents to unit standard deviation for the flow; it is measured on the
-    data after training (see encode_training_latents) and kept in the state dict.
-    """
-
+    """A small convolutional variational autoencoder (Kingma & Welling 2014): image [3, H, W] -> mean and
+    log-variance of a latent [latent_channels, H/downscale, W/downscale] -> a sample z -> image."""
     def __init__(self, latent_channels=4, channels=32, downscale=4):
         super().__init__()
         c, stages = channels, int(math.log2(downscale))  # each stage halves the height and width
@@ -440,26 +293,17 @@ class VAE(nn.Module):
         for k in range(stages):  # and back up, to c channels at full size
             width = c if k == stages - 1 else 2 * c
             up += [nn.Upsample(scale_factor=2), nn.Conv2d(2 * c, width, 3, padding=1), ResBlock(width)]
-        self.decoder = nn.Sequential(*up, nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1))
-        self.register_buffer("scale_factor", torch.tensor(1.0))
+        self.decode = nn.Sequential(*up, nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1))  # z -> image
+        self.register_buffer("scale_factor", torch.tensor(1.0))  # set by encode_training_latents
 
     def encode(self, x):
-        """Images [B, 3, H, W] in [-1, 1] -> mean and log-variance of q(z | x),
-        each [B, latent_channels, H/downscale, W/downscale]."""
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         return mean, logvar.clamp(-30, 20)
 
-    def decode(self, z):
-        """Latents [B, latent_channels, H/downscale, W/downscale] -> images [B, 3, H, W]."""
-        return self.decoder(z)
-
     def forward(self, x):
-        """Encode, draw z = mean + sigma * noise, decode. Written this way (the reparameterisation
-        trick) the sample is a function of mean and sigma, so gradients reach the encoder."""
         mean, logvar = self.encode(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # reparameterised: gradients reach the encoder
         return self.decode(z), mean, logvar
-
 
 def patchify(x, p):
     """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C]: each p x p patch becomes one token."""
@@ -467,46 +311,29 @@ def patchify(x, p):
     x = x.reshape(b, c, h // p, p, w // p, p)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
 
-
 def unpatchify(tokens, p, c, h, w):
     """The exact inverse of patchify: [B, (H/p)*(W/p), p*p*C] -> [B, C, H, W]."""
     b = tokens.shape[0]
     x = tokens.reshape(b, h // p, w // p, p, p, c)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
-
 def sincos_pos_embed_2d(dim, grid_size):
-    """Fixed 2D sin-cos position embedding [grid*grid, dim]: half the features encode
-    the row, half the column, each with the Transformer's sin/cos at many frequencies."""
-    def embed_1d(positions, d):
-        freqs = 1.0 / 10000 ** (torch.arange(d // 2) / (d // 2))
-        angles = positions[:, None] * freqs[None]
-        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-
+    """Fixed 2D sin-cos position embedding [grid*grid, dim]: a quarter of the features is sin(row * f), a
+    quarter cos(row * f), then the same for the column, at the Transformer's dim/4 frequencies f."""
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-    return torch.cat([embed_1d(rows.flatten().float(), dim // 2),
-                      embed_1d(cols.flatten().float(), dim // 2)], dim=1)
-
+    angles = [position.flatten().float()[:, None] * freqs[None] for position in (rows, cols)]
+    return torch.cat([wave(a) for a in angles for wave in (torch.sin, torch.cos)], dim=1)
 
 def modulate(x, shift, scale):
     """adaLN: a LayerNorm output, shifted and scaled per sample by the conditioning."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
-
-def split_heads(x, num_heads):
-    """[B, L, heads * d] -> [B, heads, L, d]: each head attends on its own slice of the features."""
-    b, n, dim = x.shape
-    return x.reshape(b, n, num_heads, dim // num_heads).transpose(1, 2)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention over the patch tokens."""
-
     def __init__(self, dim, num_heads):
         super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         b, n, d = x.shape
@@ -514,58 +341,45 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
+def split_heads(x, num_heads):
+    """[B, L, heads * d] -> [B, heads, L, d]: each head attends on its own slice of the features."""
+    b, n, dim = x.shape
+    return x.reshape(b, n, num_heads, dim // num_heads).transpose(1, 2)
 
 class CrossAttention(nn.Module):
     """Eq. (6): queries from the image patches, keys and values from the text tokens, so each
     patch gathers what it needs from the prompt. Padding tokens are masked out of the softmax."""
-
     def __init__(self, embed_dim, context_dim, num_heads):
         super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
-        self.scale = self.head_dim ** -0.5  # 1 / sqrt(d)
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.num_heads, self.head_dim, self.scale = num_heads, embed_dim // num_heads, (embed_dim // num_heads) ** -0.5
+        self.q_proj, self.out_proj = nn.Linear(embed_dim, embed_dim), nn.Linear(embed_dim, embed_dim)
         self.k_proj = nn.Linear(context_dim, embed_dim)  # text width (512 for CLIP) -> patch width
         self.v_proj = nn.Linear(context_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, x, context, context_mask=None):
-        """x [B, N, embed_dim] patches, context [B, M, context_dim] tokens, context_mask [B, M]
-        (True = a real token) -> [B, N, embed_dim]."""
-        q = split_heads(self.q_proj(x), self.num_heads)
-        k = split_heads(self.k_proj(context), self.num_heads)
-        v = split_heads(self.v_proj(context), self.num_heads)
+        """x [B, N, embed_dim] patches, context [B, M, context_dim] tokens, context_mask [B, M] (True: real)."""
+        q, k, v = (split_heads(proj(y), self.num_heads) for proj, y in
+                   ((self.q_proj, x), (self.k_proj, context), (self.v_proj, context)))
         mask = None if context_mask is None else context_mask[:, None, None, :]  # the same for every head and patch
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
     def attention_weights(self, x, context, context_mask=None):
-        """The attention matrix softmax(Q K^T / sqrt(d)) [B, heads, N, M] that forward applies,
-        written out: entry (n, m) is how much patch n looks at token m. For pictures and tests."""
-        q = split_heads(self.q_proj(x), self.num_heads)
-        k = split_heads(self.k_proj(context), self.num_heads)
+        """forward's softmax(Q K^T / sqrt(d)) [B, heads, N, M], written out: how much patch n looks at token m."""
+        q, k = split_heads(self.q_proj(x), self.num_heads), split_heads(self.k_proj(context), self.num_heads)
         scores = q @ k.transpose(-2, -1) * self.scale
         if context_mask is not None:
             scores = scores.masked_fill(~context_mask[:, None, None, :], float("-inf"))
         return scores.softmax(dim=-1)
 
-
 class TextConditionedDiTBlock(nn.Module):
-    """A DiT block with cross-attention to the text between self-attention and the MLP:
-        x = x + gate1 * SelfAttn(adaLN(x))
-        x = x + gate2 * CrossAttn(adaLN(x), text)
-        x = x + gate3 * MLP(adaLN(x))
-    Shift, scale and gate of each part come from the time embedding c (adaLN-Zero). The gates
-    start at zero, so every block starts as the identity and training switches it on gradually.
-    """
-
+    """A DiT block with cross-attention to the text between self-attention and the MLP, each part shifted, scaled
+    and gated by the time embedding c (adaLN-Zero): x = x + gate2 * CrossAttn(adaLN(x), text), and so on."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0, context_dim=512):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) for _ in range(3))
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.cross_attn = CrossAttention(dim, context_dim, num_heads)
-        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
@@ -573,17 +387,14 @@ class TextConditionedDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
     def forward(self, x, c, context, context_mask=None):
-        (shift1, scale1, gate1, shift2, scale2, gate2,
-         shift3, scale3, gate3) = self.adaLN_modulation(c).chunk(9, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = self.adaLN_modulation(c).chunk(9, dim=-1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
         x = x + gate2[:, None] * self.cross_attn(modulate(self.norm2(x), shift2, scale2), context, context_mask)
         x = x + gate3[:, None] * self.mlp(modulate(self.norm3(x), shift3, scale3))
         return x
 
-
 class FinalLayer(nn.Module):
     """adaLN, then a linear map from each token to its patch's p*p*C velocity values."""
-
     def __init__(self, dim, patch_size, out_channels):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -597,20 +408,16 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
-
 class TextConditionalDiT(nn.Module):
     """Diffusion Transformer (Peebles & Xie 2023): patchify -> embed + position -> DiT blocks
-    conditioned on the time embedding (adaLN) and on the text tokens (cross-attention)
-    -> final layer -> unpatchify."""
-
+    conditioned on the time embedding (adaLN) and on the text tokens (cross-attention) -> final layer -> unpatchify."""
     def __init__(self, img_size=32, patch_size=4, in_channels=3, embed_dim=256, depth=6, num_heads=8,
                  mlp_ratio=4.0, context_dim=512):
         super().__init__()
-        self.img_size, self.patch_size, self.in_channels = img_size, patch_size, in_channels
         self.context_dim = context_dim
+        self.img_size, self.patch_size, self.in_channels = img_size, patch_size, in_channels
         self.patch_embed = nn.Linear(patch_size * patch_size * in_channels, embed_dim)
-        grid_size = img_size // patch_size
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, grid_size))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, img_size // patch_size))
         self.time_embed = TimeEmbedding(embed_dim)
         self.blocks = nn.ModuleList(TextConditionedDiTBlock(embed_dim, num_heads, mlp_ratio, context_dim)
                                     for _ in range(depth))
@@ -627,68 +434,39 @@ class TextConditionalDiT(nn.Module):
         tokens = self.final_layer(tokens, c)
         return unpatchify(tokens, self.patch_size, self.in_channels, self.img_size, self.img_size)
 
-
-# Seed 000's latent example builds a class-conditional DiT: in this step a class label reaches the
-# model as its caption ("a photo of a cat", see sample_latent_conditional), so that DiT is this one.
-ConditionalDiT = TextConditionalDiT
-
+ConditionalDiT = TextConditionalDiT  # seed 000's name: a class label reaches the model as its caption
 
 def build_model(cfg, context_dim):
-    """The DiT of stage 2, on latents: [latent_channels, img_size/vae_downscale, ...] instead of pixels."""
     return TextConditionalDiT(img_size=cfg.img_size // cfg.vae_downscale, patch_size=cfg.patch_size,
                               in_channels=cfg.latent_channels, embed_dim=cfg.embed_dim, depth=cfg.depth,
                               num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, context_dim=context_dim)
 
-
-def build_vae(cfg):
-    return VAE(cfg.latent_channels, cfg.vae_channels, cfg.vae_downscale)
-
-
 # ----------------------------------------------------------------------------- flow-matching loss
 
 def sample_timesteps(batch_size, time_sampling, device):
-    """t ~ U(0, 1), or logit-normal: sigmoid of a standard normal (SD3, Esser et al. 2024).
-
-    Logit-normal spends more steps at middle t, where predicting v is hardest; the ends
-    (almost pure data or pure noise) are easy. On MNIST it gave lower Frechet distance than
-    uniform for the same training time (see README), so it is the default.
-    """
-    if time_sampling == "uniform":
-        return torch.rand(batch_size, device=device)
-    return torch.sigmoid(torch.randn(batch_size, device=device))
-
+    """t ~ U(0, 1), or logit-normal: sigmoid of a standard normal (SD3, Esser et al. 2024), which
+    spends more steps at middle t, where predicting v is hardest; the ends are easy."""
+    uniform = time_sampling == "uniform"
+    return torch.rand(batch_size, device=device) if uniform else torch.sigmoid(torch.randn(batch_size, device=device))
 
 def get_vae_loss(vae, x, kl_weight):
-    """Stage 1 loss for images x in [-1, 1], eq. (7): the mean squared reconstruction error
-    + kl_weight * the mean KL per latent number.
-
-    The reconstruction term wants every detail kept. The KL term pulls each image's latent
-    distribution towards N(0, I): it keeps latents in a compact range with no gaps between
-    them, a space the flow of stage 2 can fill. Its weight is small (Stable Diffusion's is
-    1e-6 on its loss scale), since a strong pull blurs the reconstructions.
-    """
+    """Stage 1 loss (7) for images x in [-1, 1]. The KL term pulls each latent distribution towards N(0, I), a
+    compact space with no gaps for the flow to fill; a strong pull would blur the reconstructions."""
     reconstruction, mean, logvar = vae(x)
     kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
     return F.mse_loss(reconstruction.float(), x) + kl_weight * kl.float()
 
-
 def psnr(images, reconstructions):
-    """Peak signal-to-noise ratio in dB, 10 * log10(peak^2 / MSE), per image and averaged;
-    images in [-1, 1], so the peak (the range) is 2."""
+    """Peak signal-to-noise ratio in dB, 10 * log10(2^2 / MSE) for images in [-1, 1], averaged over images."""
     mse = (reconstructions.clamp(-1, 1) - images).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(4 / mse)).mean().item()
 
-
 def get_text_conditional_loss(model, x0, text_embeddings, text_mask, null_embedding, null_mask,
                               text_dropout=0.1, time_sampling="logit_normal", record=None):
-    """Flow-matching loss (3) for a batch of data x0 in [-1, 1] with its captions' token
-    embeddings [B, M, D] and masks [B, M].
-
-    Each caption becomes the empty prompt (null_embedding [M, D], null_mask [M]) with
-    probability text_dropout, so one network learns both the conditional and the
-    unconditional velocity that CFG blends.
-    record: a list that, when given, collects (t, the loss of each image): the loss by time.
-    """
+    """Flow-matching loss (3) for a batch of data x0 in [-1, 1] with its captions' token embeddings [B, M, D] and
+    masks [B, M], each of which becomes the empty prompt's (null_embedding [M, D], null_mask [M]) with probability
+    text_dropout: one network learns both velocities that CFG blends. record, a list when given, collects
+    (t, each image's loss): the loss by time, for log.csv."""
     dropped = torch.rand(len(x0), device=x0.device) < text_dropout
     text_embeddings = torch.where(dropped[:, None, None], null_embedding, text_embeddings)
     text_mask = torch.where(dropped[:, None], null_mask, text_mask)
@@ -702,139 +480,95 @@ def get_text_conditional_loss(model, x0, text_embeddings, text_mask, null_embedd
         record.append((t.detach(), loss_per_image.detach()))
     return loss_per_image.mean()
 
-
 # ----------------------------------------------------------------------------- sampler
 
-@torch.no_grad()
-def euler_sample(velocity, x, num_steps, trajectory=True):
-    """Integrate dx/dt = velocity(x, t) from t = 1 (noise) to t = 0 (data) with Euler, eq. (4).
-
-    Returns [x at t=1, ..., x at t=0], every state, so a caller can show the trajectory;
-    trajectory=False keeps only the last, [x at t=0], to save memory.
-    """
-    ts = torch.linspace(1, 0, num_steps + 1, device=x.device)
-    states = [x]
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        v = velocity(x, t.expand(len(x)))
-        x = x + (t_next - t) * v  # t_next - t = -dt < 0: a step back in time
-        states = states + [x] if trajectory else [x]
-    return states
-
-
-@torch.no_grad()
-def heun_sample(velocity, x, num_steps, trajectory=True):
-    """The same integration with Heun's method, eq. (4b): an Euler step to t_next, then the
-    step again with the average of the velocities at t and at t_next. The last step, to t = 0,
-    stays an Euler step (as in Karras et al. 2022): training hardly ever draws t near 0, so the
-    velocity there is the least reliable, and N steps cost 2N - 1 evaluations."""
-    ts = torch.linspace(1, 0, num_steps + 1, device=x.device)
-    states = [x]
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        v = velocity(x, t.expand(len(x)))
-        x_euler = x + (t_next - t) * v
-        if t_next > 0:
-            v_next = velocity(x_euler, t_next.expand(len(x)))
-            x_euler = x + (t_next - t) * (v + v_next) / 2
-        x = x_euler
-        states = states + [x] if trajectory else [x]
-    return states
-
-
-SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
 NFE = {"euler": lambda steps: steps, "heun": lambda steps: 2 * steps - 1}  # network evaluations: the real cost
 
+@torch.no_grad()
+def integrate(velocity, x, num_steps, sampler="euler", trajectory=True):
+    """Integrate dx/dt = velocity(x, t) from t = 1 (noise) to 0 (data) with Euler (4) or Heun (4b); Heun's last step
+    stays Euler (Karras et al. 2022). Returns every state [x at t=1, ..., x at t=0], or if not trajectory [x at t=0]."""
+    ts = torch.linspace(1, 0, num_steps + 1, device=x.device)
+    states = [x]
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        dt = t_next - t  # negative: a step back in time
+        v = velocity(x, t.expand(len(x)))
+        if sampler == "heun" and t_next > 0:
+            v = (v + velocity(x + dt * v, t_next.expand(len(x)))) / 2  # the trapezoid rule (4b)
+        x = x + dt * v
+        states = states + [x] if trajectory else [x]
+    return states
 
 def guided_velocity(model, x, t, text_embeddings, text_mask, null_embedding, null_mask, cfg_scale):
-    """Classifier-free guidance, eq. (5): v = v_uncond + w * (v_cond - v_uncond).
-
-    The conditional (the prompts) and the unconditional (the empty prompt) halves go through
-    one forward pass.
-    """
-    null_embeddings = null_embedding.expand_as(text_embeddings)
-    null_masks = null_mask.expand_as(text_mask)
-    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text_embeddings, null_embeddings]),
-                             torch.cat([text_mask, null_masks])).float().chunk(2)
+    """Classifier-free guidance, eq. (5): v = v_uncond + w * (v_cond - v_uncond), both halves in one forward pass:
+    the prompts, and the empty prompt."""
+    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]),
+                             torch.cat([text_embeddings, null_embedding.expand_as(text_embeddings)]),
+                             torch.cat([text_mask, null_mask.expand_as(text_mask)])).float().chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
-
 
 @torch.no_grad()
 def sample_latent_conditional(model, vae, text_encoder=None, prompts=None, class_labels=None, latent_shape=(4, 8, 8),
                               cfg_scale=3.0, num_steps=50, device=None, trajectory=False, sampler="euler"):
-    """Generate one image in [-1, 1] per prompt (or per CIFAR-10 class label, as its caption):
-    the flow runs in latent space with guidance scale cfg_scale, then the VAE decodes.
-    trajectory=True returns every sampler state instead, each decoded. Without a text_encoder,
-    the default CLIP is loaded."""
+    """One image in [-1, 1] per prompt (or CIFAR-10 class label, as its caption): the guided flow in latent space,
+    then the VAE decodes (every state if trajectory). Without a text_encoder, the default CLIP is loaded."""
     device = torch.device(device or next(model.parameters()).device)
-    if prompts is None and class_labels is None:
-        raise ValueError("pass prompts=[...] (text) or class_labels=[...] (CIFAR-10 classes 0..9)")
-    if prompts is None:
-        if not all(0 <= int(label) < len(CIFAR10_CLASSES) for label in class_labels):
-            raise ValueError(f"class labels must be CIFAR-10 classes 0..9, got {list(class_labels)}")
-        prompts = make_cifar10_captions(class_labels)
     if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
         raise ValueError(f"cfg_scale must be >= 0 (0 = unconditional, 1 = conditional), got {cfg_scale}")
-    text_encoder = text_encoder or CLIPTextEncoder(device=device)
-    embeddings, mask = encode_prompts(text_encoder, [prompts] if isinstance(prompts, str) else prompts, device)
-
+    if prompts is None and class_labels is None:
+        raise ValueError("pass prompts=[...] (text) or class_labels=[...] (CIFAR-10 classes 0..9)")
+    if prompts is None and not all(0 <= int(label) < len(CIFAR10_CLASSES) for label in class_labels):
+        raise ValueError(f"class labels must be CIFAR-10 classes 0..9, got {list(class_labels)}")
+    prompts = [prompts] if isinstance(prompts, str) else prompts or make_cifar10_captions(class_labels)
+    embeddings, mask = encode_prompts(text_encoder or CLIPTextEncoder(device=device), prompts, device)
     def velocity(x, t):
         with autocast(device):
             return guided_velocity(model, x, t, embeddings[:-1], mask[:-1], embeddings[-1], mask[-1], cfg_scale)
-
-    def decode(z):  # undo the scaling to unit standard deviation, then latents -> pixels
-        with autocast(device):
-            return vae.decode(z / vae.scale_factor).float().clamp(-1, 1)
-
-    noise = torch.randn(len(embeddings) - 1, *latent_shape, device=device)
-    states = SAMPLERS[sampler](velocity, noise, num_steps, trajectory)
-    return [decode(z) for z in states] if trajectory else decode(states[-1])
-
+    states = integrate(velocity, torch.randn(len(prompts), *latent_shape, device=device), num_steps, sampler,
+                       trajectory)
+    with autocast(device):  # undo the scaling to unit standard deviation, then latents -> pixels
+        images = [vae.decode(z / vae.scale_factor).float().clamp(-1, 1) for z in states]
+    return images if trajectory else images[-1]
 
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, cfg):
-    """Linear warmup, then constant. The EMA of the weights does the averaging that a decaying
-    rate would, and since the rate does not depend on --steps, a finished run can be trained
-    further with --resume as if it had been asked for more steps from the start."""
+    """Linear warmup, then constant: the EMA averages as a decaying rate would, and --resume can add steps."""
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-
 
 @torch.no_grad()
 def update_ema(ema_model, model, step, decay):
-    """ema <- d * ema + (1 - d) * weights. Until step 1 / (1 - decay), d = 1 - 1 / (step + 1) makes
-    the EMA the plain mean of all weights so far; from then on it averages over the last
-    1 / (1 - decay) steps, as the number says."""
-    d = min(decay, 1 - 1 / (step + 1))
+    """ema <- d * ema + (1 - d) * weights, d = min(decay, (1 + step) / (10 + step)): an average over the last ~step/9
+    steps, up to 1 / (1 - decay). A mean of all steps would keep the first, random weights for thousands of steps."""
+    d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema_model.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
 
+def optimizer_step(model, optimizer, loss, grad_clip):
+    """Backpropagate, clip the gradient norm and step, unless that norm is nan or inf; return the norm."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if torch.isfinite(grad_norm := nn.utils.clip_grad_norm_(model.parameters(), grad_clip)):
+        optimizer.step()
+    return grad_norm
 
 def train_vae(vae, vae_optimizer, images, labels, cfg, out_dir, device, parts, extras):
-    """Stage 1: train the VAE on images, from extras["vae_step"] to cfg.vae_steps, with the
-    same schedule, checkpoints, log (vae_log.csv) and stops as stage 2."""
+    """Stage 1: the VAE, from extras["vae_step"] to cfg.vae_steps, with stage 2's warmup, checkpoints and stops."""
     stage = dataclasses.replace(cfg, lr=cfg.vae_lr, steps=cfg.vae_steps, batch_size=cfg.vae_batch_size)
-    ckpt_path = out_dir / "ckpt.pt"
-    step = extras["vae_step"]
-    saved_step = step if cfg.resume else None  # the step the checkpoint on disk holds, for this run
-    print("stage 1: the VAE", flush=True)
+    ckpt_path, step = out_dir / "ckpt.pt", extras["vae_step"]
+    saved_step, stop = step if cfg.resume else None, []  # the step on disk
     log = TrainingLog(out_dir / "vae_log.csv", stage, step, device, vae)
-    vae.train()
-    stop = []
     try:
         with on_stop_signals(lambda signum, frame: stop.append(signum)):
             while step < stage.steps and not stop:
                 rng = rng_states(device)  # the random state at the start of this step, for a checkpoint
                 lr = lr_at(step, stage)
-                for group in vae_optimizer.param_groups:
-                    group.update(lr=lr, weight_decay=cfg.vae_weight_decay)
+                vae_optimizer.param_groups[0].update(lr=lr, weight_decay=cfg.vae_weight_decay)
                 with autocast(device):
-                    x, _ = get_batch(images, labels, stage.batch_size)
-                    loss = get_vae_loss(vae, x, cfg.kl_weight)
+                    loss = get_vae_loss(vae, get_batch(images, labels, stage.batch_size)[0], cfg.kl_weight)
                 check_finite("VAE loss", loss, step, ckpt_path, saved_step)
-                vae_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                check_finite("VAE gradient norm", nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip),
-                             step, ckpt_path, saved_step)
-                vae_optimizer.step()
+                check_finite("VAE gradient norm", optimizer_step(vae, vae_optimizer, loss, cfg.grad_clip), step,
+                             ckpt_path, saved_step)
                 step = extras["vae_step"] = step + 1
                 log.step(step, loss.item(), lr)
                 if step % cfg.ckpt_every == 0 or step == stage.steps or stop:
@@ -844,73 +578,54 @@ def train_vae(vae, vae_optimizer, images, labels, cfg, out_dir, device, parts, e
         save_checkpoint(ckpt_path, cfg, 0, parts, rng, extras)
         stop.append(signal.SIGINT)
     finally:
-        log.close()
+        log.file.close()
     if stop:
         raise SystemExit(f"interrupted at VAE step {step}: saved {ckpt_path}; add --resume to continue")
-    vae.eval()
     return ["vae_log.csv"]
 
-
 @torch.no_grad()
-def encode_images(vae, images, batch_size=500):
-    """uint8 images [N, 3, H, W] -> the VAE's posterior means [N, latent_channels, H/downscale, W/downscale]."""
-    vae.eval()
-    return torch.cat([vae.encode(images[n:n + batch_size].float() / 127.5 - 1)[0]
-                      for n in range(0, len(images), batch_size)])
-
+def encode_images(vae, images):
+    """uint8 images [N, 3, H, W] -> the VAE's posterior means [N, latent_channels, h, w], 500 at a time."""
+    return torch.cat([vae.encode(x.float() / 127.5 - 1)[0] for x in images.split(500)])
 
 def encode_training_latents(vae, images, labels):
-    """Stage 2's data, encoded once: the latents of every image and of its mirror image (step 4's
-    flips, done before encoding), scaled to unit standard deviation.
-
-    Why scale: the flow starts from N(0, I) noise, so the data should have a similar spread;
-    the encoder's latents have whatever spread training gave them. Stable Diffusion's 0.18215
-    is the same number: 1 / (standard deviation of its VAE's latents), measured on its data.
-    """
+    """Stage 2's data, encoded once: the latents of every image and its mirror image, scaled by scale_factor to
+    unit standard deviation, as the noise has (Stable Diffusion's 0.18215 is 1 / the std of its VAE's latents)."""
     latents = torch.cat([encode_images(vae, images), encode_images(vae, images.flip(3))])
     vae.scale_factor.fill_(1 / latents.std().item())
-    print(f"encoded {len(latents)} images to latents {tuple(latents.shape[1:])}; scale factor 1/std = "
-          f"{vae.scale_factor.item():.4f} (Stable Diffusion's VAE: 0.18215)", flush=True)
+    print(f"encoded {len(latents)} latents {tuple(latents.shape[1:])}, scaled by 1/std = {vae.scale_factor.item():.4f}")
     return latents * vae.scale_factor, torch.cat([labels, labels])
-
 
 def train(model, ema_model, optimizer, latents, labels, text_encoder, vae, cfg, out_dir, step, device, parts,
           extras):
-    """Stage 2, the training loop, from step to cfg.steps. Ctrl-C and SIGTERM stop it between two
-    steps with a checkpoint; a non-finite loss or gradient stops it before it touches the weights."""
-    # the training captions and the empty prompt, encoded once: the encoder never runs per batch
-    text_embeddings, text_mask = encode_prompts(text_encoder, extras["captions"], device)
-    preview_prompts = [make_caption(extras["classes"][i % len(extras["classes"])]) for i in range(8)]
-    ckpt_path = out_dir / "ckpt.pt"
-    saved_step = step if cfg.resume else None  # the step the checkpoint on disk holds, for this run
-    print("stage 2: the flow on latents", flush=True)
+    """Stage 2, the training loop, from step to cfg.steps. Ctrl-C and SIGTERM stop it between two steps
+    with a checkpoint; a non-finite loss or gradient stops it before it touches the weights."""
+    ckpt_path, saved_step = out_dir / "ckpt.pt", step if cfg.resume else None  # the step on disk
     log = TrainingLog(out_dir / "log.csv", cfg, step, device, model)
-    previews = Previews(cfg, extras)
-    stop = []
+    preview_at, stop = {round(cfg.steps * k / 6) for k in range(1, 7)}, []  # progress.png: 6 rows in training
+    text_embeddings, text_mask = encode_prompts(text_encoder, extras["captions"], device)  # once, not per batch
+    preview_prompts = [make_caption(extras["classes"][i % len(extras["classes"])]) for i in range(8)]
     try:
         with on_stop_signals(lambda signum, frame: stop.append(signum)):
             while step < cfg.steps and not stop:
                 rng = rng_states(device)  # the random state at the start of this step, for a checkpoint
                 lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group.update(lr=lr, weight_decay=cfg.weight_decay)
+                optimizer.param_groups[0].update(lr=lr, weight_decay=cfg.weight_decay)
                 with autocast(device):
-                    x0, y = get_latent_batch(latents, labels, cfg.batch_size)
+                    idx = torch.randint(len(latents), (cfg.batch_size,), device=latents.device)
+                    x0, y = latents[idx], labels[idx]  # latents are scaled already, and include the mirror images
                     loss = get_text_conditional_loss(model, x0, text_embeddings[y], text_mask[y], text_embeddings[-1],
                                                      text_mask[-1], cfg.text_dropout, cfg.time_sampling, log.by_time)
                 check_finite("loss", loss, step, ckpt_path, saved_step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                check_finite("gradient norm", nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip),
-                             step, ckpt_path, saved_step)
-                optimizer.step()
+                check_finite("gradient norm", optimizer_step(model, optimizer, loss, cfg.grad_clip), step, ckpt_path,
+                             saved_step)
                 update_ema(ema_model, model, step, cfg.ema_decay if cfg.ema else 0.0)
                 step += 1
                 log.step(step, loss.item(), lr)
-                previews.maybe_add(step, lambda: sample_latent_conditional(
-                    ema_model, vae, text_encoder, preview_prompts,
-                    latent_shape=latent_shape_of(cfg), cfg_scale=cfg.cfg_scale, num_steps=cfg.sample_steps,
-                    device=device, sampler=cfg.sampler))
+                if step in preview_at:
+                    extras["progress"][step] = preview(lambda: sample_latent_conditional(
+                        ema_model, vae, text_encoder, preview_prompts, latent_shape=latent_shape_of(cfg),
+                        cfg_scale=cfg.cfg_scale, num_steps=cfg.sample_steps, device=device, sampler=cfg.sampler), cfg)
                 if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
                     save_checkpoint(ckpt_path, cfg, step, parts, rng_states(device), extras)
                     saved_step = step
@@ -918,26 +633,21 @@ def train(model, ema_model, optimizer, latents, labels, text_encoder, vae, cfg, 
         save_checkpoint(ckpt_path, cfg, step, parts, rng, extras)
         stop.append(signal.SIGINT)
     finally:
-        log.close()
+        log.file.close()
     if stop:
         raise SystemExit(f"interrupted at step {step}: saved {ckpt_path}; add --resume to continue")
-    return ["ckpt.pt", "log.csv"] + previews.save(out_dir / "progress.png") + plot_loss(out_dir / "log.csv",
-                                                                                       out_dir / "loss.png")
-
+    return ["ckpt.pt", "log.csv"] + save_progress(extras["progress"], out_dir) + plot_loss(out_dir)
 
 class TextConditionalTrainer:
-    """Seed 002's notebook interface, a thin layer over this script's loss and optimizer:
-    train(num_epochs) runs over a DataLoader of (images in [-1, 1], labels), captions each batch
-    with caption_fn(labels) and returns the mean loss of each epoch. main() does not use it: its
-    loop adds the EMA, the log, checkpoints and signals. In step 5, the loader yields latents."""
+    """A notebook's interface to this script's loss and optimizer step: train(num_epochs) runs over a DataLoader of
+    (images in [-1, 1], labels), captioned by caption_fn(labels); main() does not use it (no EMA, log, checkpoints)."""
 
     def __init__(self, model, text_encoder, dataloader, caption_fn, lr=1e-4, weight_decay=0.01, text_drop_prob=0.1,
                  device=None):
         self.device = torch.device(device or next(model.parameters()).device)
         self.model, self.text_encoder, self.dataloader = model.to(self.device), text_encoder, dataloader
-        self.caption_fn, self.text_drop_prob = caption_fn, text_drop_prob
+        self.caption_fn, self.text_drop_prob, self.epoch_losses = caption_fn, text_drop_prob, []
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        self.epoch_losses = []
 
     def train(self, num_epochs):
         print(f"Training on {self.device}", flush=True)
@@ -948,53 +658,36 @@ class TextConditionalTrainer:
                 with autocast(self.device):
                     loss = get_text_conditional_loss(self.model, images.to(self.device), embeddings[:-1], mask[:-1],
                                                      embeddings[-1], mask[-1], self.text_drop_prob)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                self.optimizer.step()
+                optimizer_step(self.model, self.optimizer, loss, grad_clip=1.0)
                 losses.append(loss.item())
             self.epoch_losses.append(sum(losses) / len(losses))
             print(f"Epoch {len(self.epoch_losses)}: avg_loss = {self.epoch_losses[-1]:.4f}", flush=True)
         return self.epoch_losses[-num_epochs:]
 
     def save_checkpoint(self, path):
-        state = dict(script=SCRIPT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                     epoch_losses=self.epoch_losses)
-        write_atomically(Path(path), lambda f: torch.save(state, f))
-
+        save_checkpoint(Path(path), Config(), len(self.epoch_losses), dict(model=self.model, optimizer=self.optimizer),
+                        rng_states(self.device), dict(epoch_losses=self.epoch_losses))
 
 # ----------------------------------------------------------------------------- outputs
 
 def latent_shape_of(cfg):
     return (cfg.latent_channels, cfg.img_size // cfg.vae_downscale, cfg.img_size // cfg.vae_downscale)
 
-
 @torch.no_grad()
 def save_reconstructions(vae, test_images, out_dir):
-    """recon.png: held-out images, each row of up to 8 above its reconstructions (the posterior
-    mean, decoded), and the PSNR over all the held-out images."""
+    """recon.png: rows of held-out images above their reconstructions, and the PSNR over all held-out images."""
     images = test_images.float() / 127.5 - 1
     reconstructions = torch.cat([vae.decode(z) for z in encode_images(vae, test_images).split(500)])
-    quality = psnr(images, reconstructions)
-    per_row = min(8, len(images))
+    quality, per_row = psnr(images, reconstructions), min(8, len(images))
     rows = [torch.cat([images[n:n + per_row], reconstructions[n:n + per_row]])
             for n in range(0, min(32, len(images)) - per_row + 1, per_row)]
     print(f"VAE reconstruction PSNR on {len(images)} held-out images: {quality:.2f} dB", flush=True)
     return save_grid(torch.cat(rows), out_dir / "recon.png", ncol=per_row,
                      title=f"held-out images / VAE reconstructions: PSNR {quality:.1f} dB")
 
-
-def heat_colors(values):
-    """Values in [0, 1] [..., H, W] -> a black-red-yellow-white heat map in [-1, 1] [..., 3, H, W]."""
-    rgb = torch.stack([3 * values, 3 * values - 1, 3 * values - 2], dim=-3).clamp(0, 1)
-    return rgb * 2 - 1
-
-
 def save_attention_maps(model, vae, text_encoder, prompt, cfg, out_dir, device):
-    """attention.png: an image drawn for the prompt, then for each of its tokens where the
-    patches looked while drawing it: the cross-attention weights (6) of the conditional half,
-    averaged over heads, blocks and sampler steps, each map scaled to its own maximum. The first
-    16 tokens at most, so that a long prompt still makes a picture of sensible width."""
+    """attention.png: an image drawn for the prompt, then for each of its first 16 tokens where the patches looked:
+    the cross-attention weights (6), averaged over heads, blocks and steps, each map scaled to its maximum."""
     weights = []
 
     def record(cross_attn, inputs):  # runs before every cross-attention: recompute its weights
@@ -1011,298 +704,187 @@ def save_attention_maps(model, vae, text_encoder, prompt, cfg, out_dir, device):
     token_ids = text_encoder.tokenizer(prompt, truncation=True, max_length=text_encoder.max_length)["input_ids"]
     tokens = text_encoder.tokenizer.convert_ids_to_tokens(token_ids)[:16]
     attention = torch.stack(weights).float().mean(0)[:, :len(tokens)]  # [patches, tokens]
-    share = attention.mean(0)  # the fraction of all attention each token gets
     patch_pixels = cfg.vae_downscale * cfg.patch_size  # one latent patch covers this many pixels a side
-    grid = cfg.img_size // patch_pixels
-    maps = attention.T.reshape(len(tokens), grid, grid)
-    maps = maps / maps.amax(dim=(1, 2), keepdim=True)
-    maps = maps.repeat_interleave(patch_pixels, 1).repeat_interleave(patch_pixels, 2)  # patch -> pixels
-    return save_grid(torch.cat([image, heat_colors(maps).to(image.device)]), out_dir / "attention.png",
+    maps = attention.T.reshape(len(tokens), 1, *[cfg.img_size // patch_pixels] * 2)
+    maps = F.interpolate(maps / maps.amax(dim=(2, 3), keepdim=True), scale_factor=patch_pixels)  # patch -> pixels
+    heat = torch.cat([3 * maps, 3 * maps - 1, 3 * maps - 2], dim=1).clamp(0, 1) * 2 - 1  # black-red-yellow-white
+    return save_grid(torch.cat([image, heat.to(image.device)]), out_dir / "attention.png",
                      ncol=len(tokens) + 1, scale=3, title=f'cross-attention while drawing "{prompt}"',
-                     col_labels=["image"] + [f"{token} {p:.0%}" for token, p in zip(tokens, share)])
-
+                     col_labels=["image"] + [f"{token} {p:.0%}" for token, p in zip(tokens, attention.mean(0))])
 
 def write_outputs(model, vae, text_encoder, classes, cfg, out_dir, device, step):
-    """samples.png, cfg_sweep.png, colours.png, attention.png, trajectory.png and .gif,
-    nfe_sweep.png and, with --eval_samples, samples.npz. Returns the names of the files written."""
+    """samples.png, cfg_sweep.png, colours.png, attention.png, trajectory.png and .gif, nfe_sweep.png and, with
+    --eval_samples, samples.npz: their names."""
     model.eval()
-    wrote = []
-    prompts = list(cfg.prompts) or [make_caption(name) for name in classes]
-    shape = latent_shape_of(cfg)
-
+    prompts, shape = list(cfg.prompts) or [make_caption(name) for name in classes], latent_shape_of(cfg)
     def draw(prompts, num_steps=cfg.sample_steps, sampler=cfg.sampler, trajectory=False, cfg_scale=cfg.cfg_scale):
         torch.manual_seed(cfg.seed)  # the same noise whenever this checkpoint is sampled
         return sample_latent_conditional(model, vae, text_encoder, prompts, latent_shape=shape, cfg_scale=cfg_scale,
                                          num_steps=num_steps, device=device, trajectory=trajectory, sampler=sampler)
-
-    nfe = NFE[cfg.sampler](cfg.sample_steps)
+    title = f"{SCRIPT}, step {step}, {cfg.sample_steps} {cfg.sampler} steps = {NFE[cfg.sampler](cfg.sample_steps)} NFE"
     per_prompt = max(1, cfg.num_samples // len(prompts))
-    wrote += save_grid(draw([p for p in prompts for _ in range(per_prompt)]), out_dir / "samples.png",
-                       ncol=per_prompt, row_labels=prompts,
-                       title=f"{SCRIPT}, step {step}, w={cfg.cfg_scale:g}, {cfg.sample_steps} {cfg.sampler} steps "
-                             f"= {nfe} NFE")
-
+    wrote = save_prompt_grid(draw([p for p in prompts for _ in range(per_prompt)]), prompts, out_dir / "samples.png",
+                             title=f"{title}, w={cfg.cfg_scale:g}")
     scales = [0, 1, 2, 3, 5, 7.5]
     sweep = [draw(prompts, cfg_scale=w) for w in scales]  # the same noise at every scale
     wrote += save_grid(torch.stack(sweep, dim=1).flatten(0, 1), out_dir / "cfg_sweep.png", ncol=len(scales),
                        title="guidance scale w", col_labels=[f"w={w}" for w in scales], row_labels=prompts)
-
     colours, columns = ("red", "yellow", "green", "blue", "white", "black"), classes[:10]
     wrote += save_grid(draw([make_caption(f"{colour} {name}") for colour in colours for name in columns]),
                        out_dir / "colours.png", ncol=len(columns), title='"a photo of a {colour} {class}"',
                        col_labels=columns, row_labels=colours)
-
     attention_prompt = cfg.prompts[0] if cfg.prompts else make_caption(f"red {classes[-1]}")
     wrote += save_attention_maps(model, vae, text_encoder, attention_prompt, cfg, out_dir, device)
-    trajectory_prompts = [prompts[i % len(prompts)] for i in range(8)]
-    wrote += save_trajectory(draw(trajectory_prompts, trajectory=True), out_dir, cfg, row_labels=trajectory_prompts)
-    wrote += save_nfe_sweep(lambda num_steps, sampler: draw(trajectory_prompts[:4], num_steps, sampler), out_dir, cfg)
-
+    eight = [prompts[i % len(prompts)] for i in range(8)]
+    wrote += save_trajectory(draw(eight, trajectory=True), out_dir, cfg, row_labels=eight)
+    wrote += save_nfe_sweep(lambda num_steps, sampler: draw(eight[:4], num_steps, sampler), out_dir, cfg)
     if cfg.eval_samples:  # 500 images at a time, so memory stays small for any N
         eval_prompts = [prompts[k % len(prompts)] for k in range(cfg.eval_samples)]  # equal numbers of each
-        labels = [class_named_in(prompt, classes) for prompt in eval_prompts]
+        labels = np.array([class_named_in(prompt, classes) for prompt in eval_prompts], np.int64)
         torch.manual_seed(cfg.seed)
         chunks = [to_uint8(sample_latent_conditional(model, vae, text_encoder, eval_prompts[n:n + 500],
                                                      latent_shape=shape, cfg_scale=cfg.cfg_scale,
                                                      num_steps=cfg.sample_steps, device=device, sampler=cfg.sampler))
                   for n in range(0, cfg.eval_samples, 500)]
-        wrote += save_npz(out_dir / "samples.npz", images=torch.cat(chunks).numpy(),
-                          labels=np.array(labels, np.int64), prompts=np.array(eval_prompts))
+        wrote += write_atomically(out_dir / "samples.npz", lambda f: np.savez_compressed(
+            f, images=torch.cat(chunks).numpy(), labels=labels, prompts=np.array(eval_prompts)))
     return wrote
 
-
-def save_trajectory(states, out_dir, cfg, row_labels=None):
-    """trajectory.png (8 samples at 8 times from t=1 to 0) and trajectory.gif (up to 20 frames)."""
-    keep = sorted(set(torch.linspace(0, cfg.sample_steps, 8).round().long().tolist()))
-    frames = torch.stack([states[i] for i in keep], dim=1)  # [8 samples, times, C, H, W]
-    animate = sorted(set(torch.linspace(0, cfg.sample_steps, 20).round().long().tolist()))
-    return (save_grid(frames.flatten(0, 1), out_dir / "trajectory.png", ncol=len(keep), row_labels=row_labels,
-                      title="noise (t=1) -> data (t=0)", col_labels=[f"t={1 - i / cfg.sample_steps:.2f}" for i in keep])
-            + save_gif([states[i] for i in animate], out_dir / "trajectory.gif", ncol=4,
-                       titles=[f"t = {1 - i / cfg.sample_steps:.2f}" for i in animate]))
-
-
-def save_nfe_sweep(draw, out_dir, cfg):
-    """nfe_sweep.png: the same noise with at most 1, 2, 4, 8, 16 network evaluations and the
-    default's, one block of rows per sampler. Also prints how straight the paths are: the mean
-    squared difference between one Euler step (the straight-line guess x1 - v(x1, 1)) and the sample."""
-    nfes = sorted({1, 2, 4, 8, 16, NFE[cfg.sampler](cfg.sample_steps)})
-    rows = []
-    for sampler, cost in NFE.items():
-        steps = [max(s for s in range(1, n + 1) if cost(s) <= n) for n in nfes]  # the most steps within n
-        rows.append(torch.stack([draw(s, sampler) for s in steps], dim=1))  # [4, nfes, C, H, W]
-    one_step, final = draw(1, "euler"), draw(cfg.sample_steps, cfg.sampler)
-    print(f"straightness: one Euler step lands {(one_step - final).pow(2).mean():.4f} (mean squared "
-          f"difference) from the {cfg.sampler} sample; 0 would be perfectly straight paths", flush=True)
-    return save_grid(torch.cat(rows).flatten(0, 1), out_dir / "nfe_sweep.png", ncol=len(nfes),
-                     title="at most this many network evaluations (NFE)", col_labels=[f"NFE {n}" for n in nfes],
-                     row_labels=[name if i == 0 else "" for name in NFE for i in range(len(rows[0]))])
-
-
-class Previews:
-    """progress.png: the same noise, sampled with the EMA model at 6 evenly spaced steps of
-    training, one row each. The rows live in the checkpoint, so a resumed run keeps them."""
-
-    def __init__(self, cfg, extras):
-        self.cfg, self.rows = cfg, extras.setdefault("progress", {})
-        self.at = {round(cfg.steps * k / 6) for k in range(1, 7)}
-
-    def maybe_add(self, step, draw):
-        if step in self.at:
-            with torch.random.fork_rng():  # draws its own noise, and leaves training's random stream alone
-                torch.manual_seed(self.cfg.seed)
-                self.rows[step] = to_uint8(draw())
-
-    def save(self, path):
-        if not self.rows:
-            return []
-        steps = sorted(self.rows)
-        images = torch.cat([self.rows[s] for s in steps]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return save_grid(images, path, ncol=len(images) // len(steps), title="the same noise during training",
-                         row_labels=[f"step {s}" for s in steps])
-
+def save_prompt_grid(images, prompts, path, title, rows=16):
+    """samples.png: a labelled row per prompt, in blocks of 16 rows side by side (60 prompts: 4, not a column)."""
+    n = len(images) // len(prompts)
+    blocks = [grid_image(images[i * n:(i + rows) * n], n, title if i == 0 else "", row_labels=prompts[i:i + rows])
+              for i in range(0, len(prompts), rows)]
+    canvas = Image.new("RGB", (sum(block.width for block in blocks), blocks[0].height), "white")
+    for k, block in enumerate(blocks):
+        canvas.paste(block, (sum(b.width for b in blocks[:k]), 0))
+    return write_atomically(path, lambda f: canvas.save(f, format="PNG"))
 
 # ----------------------------------------------------------------------------- plumbing
-# Everything below is the machinery around the lesson: the command line and its checks,
-# checkpoints, signals, the training log and drawing pictures. A first read can skip it.
+# The machinery around the lesson: the command line and its checks, checkpoints, signals, the training log and
+# drawing pictures. A first read can skip it.
 
 def parse_config(argv=None):
     """Build Config from the command line: one flag per field, so the CLI cannot drift."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     parser.error = lambda message: parser.exit(2, f"error: {message} (--help lists every flag)\n")
-    comments = config_comments()
+    comments = dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.MULTILINE))
     for f in dataclasses.fields(Config):
         text = f"{comments[f.name]} (default: {f.default})".replace("%", "%%")
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
-        elif f.type is tuple:
-            parser.add_argument(f"--{f.name}", nargs="+", metavar="TEXT", help=text)
-        else:
-            parser.add_argument(f"--{f.name}", type=finite_float if f.type is float else f.type,
-                                metavar=f.type.__name__.upper(), help=text)
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
+            type=finite_float if f.type is float else f.type, metavar=f.type.__name__.upper())
+        kind = dict(nargs="+", metavar="TEXT") if f.type is tuple else kind  # --prompts "a cat" "a red car"
+        parser.add_argument(f"--{f.name}", help=text, **kind)
     given = vars(parser.parse_args(argv))  # only the flags actually typed
     cfg = Config(**{**(TINY if given.get("tiny") else {}), **given})
-    problems = config_problems(cfg)
-    if problems:
+    if problems := config_problems(cfg):
         parser.error("; ".join(problems))
     return cfg, given
 
+# The rules a Config comment may end with ("; must be at least 1"): checked before anything is created.
+RULES = {"be at least 1": lambda v: v >= 1, "not be negative": lambda v: v >= 0, "be above 0": lambda v: v > 0,
+         "be in [0, 1)": lambda v: 0 <= v < 1, "be in [0, 1]": lambda v: 0 <= v <= 1}
 
 def config_problems(cfg):
-    """Every bad value in cfg, by flag name, so that a run stops before it loads or creates anything."""
-    at_least_1 = ("img_size", "latent_channels", "vae_channels", "patch_size", "embed_dim", "depth", "num_heads",
-                  "vae_steps", "vae_batch_size", "vae_test_images", "steps", "batch_size", "sample_steps",
-                  "num_samples", "ckpt_every")
-    problems = [f"--{name} must be at least 1" for name in at_least_1 if getattr(cfg, name) < 1]
-    not_negative = ("lr", "weight_decay", "warmup_steps", "eval_samples", "log_every", "cfg_scale", "train_images",
-                    "vae_lr", "vae_weight_decay", "kl_weight")
-    problems += [f"--{name} must not be negative" for name in not_negative if getattr(cfg, name) < 0]
-    if cfg.grad_clip <= 0:
-        problems.append("--grad_clip must be above 0")
-    if not 0 <= cfg.text_dropout <= 1:
-        problems.append("--text_dropout must be in [0, 1]")
-    if not 0 <= cfg.ema_decay < 1:
-        problems.append("--ema_decay must be in [0, 1)")
-    if cfg.captions not in ("colour", "class"):
-        problems.append("--captions must be colour or class")
-    if cfg.time_sampling not in ("logit_normal", "uniform"):
-        problems.append("--time_sampling must be logit_normal or uniform")
-    if cfg.sampler not in SAMPLERS:
-        problems.append(f"--sampler must be {' or '.join(SAMPLERS)}")
-    if cfg.mlp_ratio <= 0:
-        problems.append("--mlp_ratio must be above 0")
-    if cfg.vae_downscale not in (2, 4, 8, 16):
-        problems.append("--vae_downscale must be 2, 4, 8 or 16 (each stride-2 stage halves the side)")
-    elif min(cfg.patch_size, cfg.num_heads) >= 1 and (cfg.img_size % (cfg.vae_downscale * cfg.patch_size)
-                                                      or cfg.embed_dim % 4 or cfg.embed_dim % cfg.num_heads):
-        problems.append("--vae_downscale * --patch_size must divide --img_size; --embed_dim must divide by 4 "
-                        "and by --num_heads")
-    if cfg.vae_channels % 8:
-        problems.append("--vae_channels must divide by 8 (GroupNorm uses 8 groups)")
+    """Every value in cfg that breaks its field's rule, by flag name, then the model's own constraints."""
+    rules = dict(re.findall(r"^\s+(\w+): .*; must (.*)$", inspect.getsource(Config), re.MULTILINE))
+    problems = [f"--{name} must {rule}" for rule, ok in RULES.items() for name in rules
+                if rules[name] == rule and not ok(getattr(cfg, name))]
+    problems += [f"--{name} must {rule}" for name, rule in rules.items()
+                 if rule not in RULES and getattr(cfg, name) not in rule[3:].split(" or ")]  # "be a or b"
+    return problems + model_problems(cfg)
+
+def model_problems(cfg):
+    if cfg.vae_downscale not in (2, 4, 8, 16) or cfg.vae_channels % 8:
+        return ["--vae_downscale must be 2, 4, 8 or 16; --vae_channels must divide by 8 (GroupNorm's 8 groups)"]
+    bad = min(cfg.patch_size, cfg.num_heads) >= 1 and (cfg.img_size % (cfg.vae_downscale * cfg.patch_size)
+                                                       or cfg.embed_dim % 4 or cfg.embed_dim % cfg.num_heads)
+    problems = ["--vae_downscale * --patch_size must divide --img_size; --embed_dim must divide by 4 and by "
+                "--num_heads"] if bad else []
     if any(not prompt.strip() for prompt in cfg.prompts):
         problems.append("--prompts must not be empty: the empty prompt is the unconditional half of guidance")
     return problems
 
-
 def finite_float(text):
     """A float flag's type: nan and inf never reach the math."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not math.isfinite(value):
+    if not math.isfinite(value := float(text)):
         raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
     return value
-
-
-def config_comments():
-    """Each Config field's one-line comment, read from this file, for --help."""
-    return dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.MULTILINE))
-
 
 def check_out_dir(out_dir):
     """--out_dir must be a folder we can create or write to; checked before anything is created."""
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-    if not existing.is_dir():
-        raise SystemExit(f"error: --out_dir {out_dir} cannot be a folder: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"error: --out_dir {out_dir} is not writable: pass another --out_dir")
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --out_dir {out_dir} cannot be made: {existing} is "
+                         f"{'not writable' if existing.is_dir() else 'a file'}: pass another --out_dir")
 
-
-@contextmanager
-def removed_on_failure(folder):
-    """If the block fails, remove what it created of folder and its parents: a failed download
-    leaves no empty folders behind."""
+def download(fetch, folder, failed):
+    """fetch() a data set into folder, quietly; if it fails, remove the folders it made and stop with failed."""
+    print(f"downloading to {folder} ...", flush=True)
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        yield
-    except BaseException:
+        with redirect_stdout(io.StringIO()):  # torchvision prints every mirror
+            fetch()
+    except BaseException as error:
         if created:
             shutil.rmtree(created[-1], ignore_errors=True)
-        raise
+        raise SystemExit(failed) if isinstance(error, Exception) else error
 
-
-def load_checkpoint(path, flag="--out_dir"):
-    """Read a checkpoint of this script, named by flag; anything else stops with a clear message."""
+def load_checkpoint(path, given, flag="--out_dir"):
+    """Read a checkpoint of this script and return it with its config, the flags typed now on top.
+    Anything else, a flag that would change the model, or --resume with no steps left stops in one line."""
     if not path.is_file():
         raise SystemExit(f"error: no checkpoint at {path}: train first (without --resume/--sample_only), "
                          f"or pass another {flag}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        owner = ckpt["script"]
     except Exception:
         raise SystemExit(f"error: {path} is corrupt or not a checkpoint: delete it or pass another {flag}")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        owner = ckpt.get("script", "something else") if isinstance(ckpt, dict) else "something else"
+    if owner != SCRIPT:
         raise SystemExit(f"error: {path} was written by {owner}, not {SCRIPT}: pass another {flag}")
-    return ckpt
-
-
-def config_from_checkpoint(ckpt, given, path):
-    """The checkpoint's settings with the flags typed now on top. Flags that would change the
-    model are refused, by name; so is --resume with no steps left to train."""
     saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__}
     cfg = Config(**{**saved, **(TINY if given.get("tiny") else {}), **given})
     differ = [name for name in MODEL_FIELDS if name in saved and getattr(cfg, name) != saved[name]]
     if differ:
         flags = lambda values: " ".join(f"--{name} {values[name]}" for name in differ)  # noqa: E731
         raise SystemExit(f"error: {path} holds another model: it was trained with {flags(saved)}, not "
-                         f"{flags(vars(cfg))}: drop those flags or use another --out_dir")
+                         f"{flags(vars(cfg))}: drop those flags or use another {flag}")
     if cfg.resume and not cfg.sample_only and ckpt["step"] >= cfg.steps:
         raise SystemExit(f"error: {path} is at step {ckpt['step']} already: pass --steps above "
                          f"{ckpt['step']} to train on, or --sample_only to sample it")
-    problems = config_problems(cfg)
-    if problems:
-        raise SystemExit(f"error: {'; '.join(problems)}")
-    return cfg
-
+    return ckpt, cfg
 
 def restore(ckpt, parts, device, path):
     """Load every part (model, EMA, optimizer, ...) and the random state; return the step."""
     try:
         for name, part in parts.items():
-            if name in ckpt or not name.endswith("optimizer"):  # an older checkpoint may lack an optimizer
-                part.load_state_dict(ckpt[name])
+            part.load_state_dict(ckpt[name])
     except (RuntimeError, ValueError, KeyError):
         raise SystemExit(f"error: {path} holds a model of another shape: use another --out_dir")
-    if "rng" in ckpt:  # older checkpoints have none: their resumed runs draw other random numbers
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type != "cpu" and device.type in ckpt["rng"]:
-            getattr(torch, device.type).set_rng_state(ckpt["rng"][device.type])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type in ckpt["rng"] and device.type != "cpu":
+        getattr(torch, device.type).set_rng_state(ckpt["rng"][device.type])
     return ckpt["step"]
-
 
 def load_vae(path, vae, cfg):
     """--vae_ckpt: the VAE of another 05 run, refused when it was built with other VAE flags."""
-    saved = load_checkpoint(path, flag="--vae_ckpt")
-    differ = [name for name in ("latent_channels", "vae_channels", "vae_downscale")
-              if saved["config"].get(name, getattr(Config, name)) != getattr(cfg, name)]
-    if differ:
-        flags = lambda values: " ".join(f"--{name} {values(name)}" for name in differ)  # noqa: E731
-        raise SystemExit(f"error: the VAE in --vae_ckpt {path} was trained with "
-                         f"{flags(lambda n: saved['config'].get(n, getattr(Config, n)))}, not "
-                         f"{flags(lambda n: getattr(cfg, n))}: pass those flags or another --vae_ckpt")
-    vae.load_state_dict(saved["vae"])
-
+    vae_flags = {name: getattr(cfg, name) for name in ("latent_channels", "vae_channels", "vae_downscale")}
+    vae.load_state_dict(load_checkpoint(path, dict(vae_flags, resume=False), "--vae_ckpt")[0]["vae"])
 
 def rng_states(device):
     """The random generators' states, so that a resumed run draws what the uninterrupted one would."""
-    states = {"cpu": torch.get_rng_state()}
-    if device.type != "cpu":
-        states[device.type] = getattr(torch, device.type).get_rng_state()
-    return states
-
+    accelerator = {} if device.type == "cpu" else {device.type: getattr(torch, device.type).get_rng_state()}
+    return {"cpu": torch.get_rng_state(), **accelerator}
 
 def save_checkpoint(path, cfg, step, parts, rng, extras):
-    """The config, the step, the random state, every part's state_dict and the extras, in one file."""
     state = {"script": SCRIPT, "config": dataclasses.asdict(cfg), "step": step, "rng": rng,
              **{name: part.state_dict() for name, part in parts.items()}, **extras}
     write_atomically(path, lambda f: torch.save(state, f))
 
-
 def write_atomically(path, write):
-    """write(file) to a temporary file, then rename it to path: a crash or a full disk never
-    leaves half a file, and the file that was there stays intact. Returns [path's name]."""
+    """write(file) to a temporary file, then rename it to path: a crash or a full disk never leaves half a file,
+    and the file that was there stays intact. Returns [path's name]."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1314,11 +896,6 @@ def write_atomically(path, write):
                          f"or pass another --out_dir; the previous {path.name} is intact")
     return [path.name]
 
-
-def save_npz(path, **arrays):
-    return write_atomically(path, lambda f: np.savez_compressed(f, **arrays))
-
-
 @contextmanager
 def on_stop_signals(handler):
     """Inside, Ctrl-C (SIGINT) and SIGTERM (a closed laptop lid, a cluster's time limit) call handler."""
@@ -1328,7 +905,6 @@ def on_stop_signals(handler):
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
-
 
 @contextmanager
 def one_line_errors():
@@ -1340,7 +916,6 @@ def one_line_errors():
     except OSError as error:
         raise SystemExit(f"error: {error}")
 
-
 def check_finite(what, value, step, ckpt_path, saved_step):
     """Stop, before the weights change, when the loss or the gradient norm is nan or inf."""
     if not torch.isfinite(value):
@@ -1348,35 +923,29 @@ def check_finite(what, value, step, ckpt_path, saved_step):
                 else "no checkpoint of this run was written yet: try a lower --lr")
         raise SystemExit(f"error: {what} became {value.item()} at step {step}; {kept}")
 
-
 class TrainingLog:
-    """A progress line every cfg.log_every seconds, and the same numbers in log.csv: step, loss,
-    lr, images/s, and the mean loss in ten bins of t, to see where on the path learning is hard."""
+    """A progress line every cfg.log_every seconds, and the same numbers in log.csv: step, loss, lr,
+    images/s, and the mean loss in ten bins of t, to see where on the path learning is hard."""
 
     def __init__(self, path, cfg, step, device, model):
-        self.cfg, self.first_step, self.last_step = cfg, step, step
+        self.cfg, self.first_step, self.last_step, self.start = cfg, step, step, time.time()
         self.file = open(path, "a" if cfg.resume else "w", newline="")
-        self.csv = csv.writer(self.file)
+        self.csv, self.by_time, self.losses, self.last = csv.writer(self.file), [], [], self.start
         if self.file.tell() == 0:  # a new file, also when a resume finds none
-            self.csv.writerow(["step", "loss", "lr", "images_per_s"]
-                              + [f"loss_t{k / 10:.1f}-{(k + 1) / 10:.1f}" for k in range(10)])
-        self.by_time, self.losses = [], []  # the loss function fills by_time with (t, loss per image)
-        self.start = self.last = time.time()
+            self.csv.writerow(["step", "loss", "lr", "images_per_s"] + [f"loss_t{k / 10:.1f}-{(k + 1) / 10:.1f}"
+                                                                        for k in range(10)])
         print(f"training {SCRIPT}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"steps {step}->{cfg.steps}, batch {cfg.batch_size}, on {device} "
-              f"({'bf16 autocast' if uses_bf16(device) else 'float32'})", flush=True)
+              f"steps {step}->{cfg.steps}, batch {cfg.batch_size}, on {device}", flush=True)
 
     def step(self, step, loss, lr):
         self.losses.append(loss)
-        now = time.time()
+        now, clock = time.time(), lambda seconds: time.strftime("%H:%M:%S", time.gmtime(seconds))
         if now - self.last < self.cfg.log_every and step not in (self.cfg.steps, self.first_step + 10):
             return
-        speed = (step - self.last_step) * self.cfg.batch_size / (now - self.last)
-        eta = (self.cfg.steps - step) * self.cfg.batch_size / speed
-        loss = sum(self.losses) / len(self.losses)
-        print(f"step {step:>6}/{self.cfg.steps} | loss {loss:.4f} | {speed:6.0f} img/s | "
-              f"{format_time(now - self.start)} elapsed | ETA {format_time(eta)}", flush=True)
-        records = self.by_time or [(torch.zeros(0), torch.zeros(0))]  # (t, loss per image) from the loss function
+        speed, loss = (step - self.last_step) * self.cfg.batch_size / (now - self.last), np.mean(self.losses)
+        print(f"step {step:>6}/{self.cfg.steps} | loss {loss:.4f} | {speed:6.0f} img/s | {clock(now - self.start)} "
+              f"elapsed | ETA {clock((self.cfg.steps - step) * self.cfg.batch_size / speed)}", flush=True)
+        records = self.by_time or [(torch.zeros(0), torch.zeros(0))]  # empty for a loss that records none
         t, loss_per_image = (torch.cat(column).float().cpu() for column in zip(*records))
         bins = (t * 10).long().clamp(0, 9)
         by_bin = [f"{loss_per_image[bins == k].mean():.5f}" if (bins == k).any() else "" for k in range(10)]
@@ -1384,16 +953,41 @@ class TrainingLog:
         self.file.flush()
         self.last, self.last_step, self.losses, self.by_time[:] = now, step, [], []
 
-    def close(self):
-        self.file.close()
+def preview(draw, cfg):
+    """A row of progress.png: draw() from the seed's noise, leaving training's random stream alone."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return to_uint8(draw())
 
+def save_progress(rows, out_dir):
+    """progress.png: the same noise, sampled with the EMA model at 6 steps of training, a row each."""
+    images = torch.cat([rows[s] for s in sorted(rows)]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return save_grid(images, out_dir / "progress.png", ncol=len(images) // len(rows),
+                     title="the same noise during training", row_labels=[f"step {s}" for s in sorted(rows)])
 
-def format_time(seconds):
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+def save_trajectory(states, out_dir, cfg, row_labels=None):
+    """trajectory.png (8 samples at 8 times from t=1 to 0) and trajectory.gif (up to 20 frames)."""
+    keep, animate = (sorted(set(torch.linspace(0, cfg.sample_steps, n).round().long().tolist())) for n in (8, 20))
+    t = lambda i: f"{1 - i / cfg.sample_steps:.2f}"  # noqa: E731
+    return (save_grid(torch.stack([states[i] for i in keep], dim=1).flatten(0, 1), out_dir / "trajectory.png",
+                      ncol=len(keep), title="noise (t=1) -> data (t=0)", col_labels=[f"t={t(i)}" for i in keep],
+                      row_labels=row_labels)
+            + save_gif([states[i] for i in animate], out_dir / "trajectory.gif", 4, [f"t = {t(i)}" for i in animate]))
 
+def save_nfe_sweep(draw, out_dir, cfg):
+    """nfe_sweep.png: the same noise at most 1, 2, 4, 8, 16 network evaluations and the default's, one block
+    of rows per sampler. Prints how straight the paths are: how far one Euler step lands from the sample."""
+    nfes = sorted({1, 2, 4, 8, 16, NFE[cfg.sampler](cfg.sample_steps)})
+    rows = [torch.stack([draw(max(s for s in range(1, n + 1) if cost(s) <= n), sampler) for n in nfes], dim=1)
+            for sampler, cost in NFE.items()]  # per sampler [4, nfes, C, H, W], at the most steps within n NFE
+    one_step, final = draw(1, "euler"), draw(cfg.sample_steps, cfg.sampler)
+    print(f"straightness: one Euler step lands {(one_step - final).pow(2).mean():.4f} (mean squared "
+          f"difference) from the {cfg.sampler} sample; 0 would be perfectly straight paths", flush=True)
+    return save_grid(torch.cat(rows).flatten(0, 1), out_dir / "nfe_sweep.png", ncol=len(nfes),
+                     title="at most this many network evaluations (NFE)", col_labels=[f"NFE {n}" for n in nfes],
+                     row_labels=[name if i == 0 else "" for name in NFE for i in range(len(rows[0]))])
 
 FONT = ImageFont.load_default(size=12)  # Pillow's own font, at a size where spaces show
-
 
 def fit(text, width):
     """text, cut to at most width pixels: a 500-word prompt never makes a huge picture."""
@@ -1402,90 +996,59 @@ def fit(text, width):
         text = text[:-2] + "…"
     return text
 
-
 def to_uint8(images):
     """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C]."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
-
 def grid_image(images, ncol, title="", col_labels=None, row_labels=None, scale=2):
     """Images [N, C, H, W] in [-1, 1] as one picture: a grid with a title, column and row labels."""
-    pixels = to_uint8(images).numpy()
-    n, h, w, c = pixels.shape
-    nrow = math.ceil(n / ncol)
-    grid = np.full((nrow * (h + 2), ncol * (w + 2), c), 255, np.uint8)
-    for i, img in enumerate(pixels):
-        r, k = divmod(i, ncol)
-        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, k * (w + 2) + 1:k * (w + 2) + 1 + w] = img
-    picture = Image.fromarray(grid.squeeze(-1) if c == 1 else grid).convert("RGB")
+    grid = make_grid((images.float().cpu().clamp(-1, 1) + 1) / 2, nrow=ncol, padding=2, pad_value=1)
+    picture = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy())
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    cell_w, cell_h = (w + 2) * scale, (h + 2) * scale
+    cell_w, cell_h = (images.shape[-1] + 2) * scale, (images.shape[-2] + 2) * scale
     header = 18 + (16 if col_labels else 0)
-    margin = min(240, max(FONT.getlength(label) for label in row_labels) + 8) if any(row_labels or []) else 0
-    width = max(margin + picture.width, min(FONT.getlength(title) + 8, 800))
-    canvas = Image.new("RGB", (int(width), picture.height + header), "white")
-    canvas.paste(picture, (int(margin), header))
+    margin = int(min(240, max(FONT.getlength(label) for label in row_labels) + 8)) if any(row_labels or []) else 0
+    canvas = Image.new("RGB", (int(max(margin + picture.width, min(FONT.getlength(title) + 8, 800))),
+                               picture.height + header), "white")
+    canvas.paste(picture, (margin, header))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 2), fit(title, width - 8), fill="black", font=FONT)
+    draw.text((4, 2), fit(title, canvas.width - 8), fill="black", font=FONT)
     for k, label in enumerate(col_labels or []):
-        draw.text((margin + k * cell_w + 2, 18), fit(label, cell_w - 4), fill="black", font=FONT)
+        draw.text((margin + k * cell_w + 4, 18), fit(label, cell_w - 4), fill="black", font=FONT)
     for r, label in enumerate(row_labels or []):
         draw.text((4, header + r * cell_h + cell_h // 2 - 7), fit(label, margin - 8), fill="black", font=FONT)
     return canvas
 
-
 def save_grid(images, path, ncol, title="", col_labels=None, row_labels=None, scale=2):
-    """Save images [N, C, H, W] in [-1, 1] as a grid PNG (see grid_image); returns [path's name]."""
     canvas = grid_image(images, ncol, title, col_labels, row_labels, scale)
     return write_atomically(path, lambda f: canvas.save(f, format="PNG"))
 
-
 def save_gif(states, path, ncol, titles):
-    """An animated GIF, one frame per state [N, C, H, W], holding the last frame for 2 seconds.
-    Each frame gets its own 128 colours, without dithering: noise compresses badly enough."""
+    """An animated GIF, a frame per state [N, C, H, W], the last held for 2 s; 128 colours a frame, undithered."""
     frames = [grid_image(x, ncol, title).quantize(128, dither=Image.Dither.NONE) for x, title in zip(states, titles)]
-    durations = [150] * (len(frames) - 1) + [2000]
     return write_atomically(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                                                            duration=durations, loop=0))
+                                                            duration=[150] * (len(frames) - 1) + [2000], loop=0))
 
-
-def plot_loss(log_path, path):
-    """loss.png from log.csv: the training loss against step, and the loss in each bin of t over
-    the second half of training (where on the path the flow is hard to learn)."""
-    with open(log_path, newline="") as f:
+def plot_loss(out_dir):
+    """loss.png from log.csv: the loss by step, and by t over the second half of training (where learning is hard)."""
+    with open(out_dir / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    bins = [name for name in rows[0] if name.startswith("loss_t")] if rows else []
-    late = rows[len(rows) // 2:]
-    by_time = [np.mean([float(r[b]) for r in late if r[b]] or [0.0]) for b in bins]
+    by_time = [np.mean([float(r[b]) for r in rows[len(rows) // 2:] if r[b]] or [0]) for b in rows[0] if "_t" in b]
     canvas = Image.new("RGB", (760, 260), "white")
     draw = ImageDraw.Draw(canvas)
-    chart(draw, (50, 30, 360, 220), [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows],
-          "training loss", "step")
-    chart(draw, (430, 30, 740, 220), list(range(len(bins))), by_time, "loss by t (second half of training)",
-          "t = 0 (data) ... 1 (noise)", bars=True)
-    return write_atomically(path, lambda f: canvas.save(f, format="PNG"))
-
-
-def chart(draw, box, xs, ys, title, x_label, bars=False):
-    """A minimal line or bar chart of ys against xs inside box (left, top, right, bottom)."""
-    left, top, right, bottom = box
-    draw.rectangle(box, outline="black")
-    draw.text((left, top - 18), title, fill="black", font=FONT)
-    draw.text((left, bottom + 6), x_label, fill="black", font=FONT)
-    if not ys:
-        return
-    low, high = min(0.0, min(ys)), max(ys) or 1.0
-    draw.text((left - 46, top - 6), f"{high:.3g}", fill="black", font=FONT)
-    draw.text((left - 46, bottom - 8), f"{low:.3g}", fill="black", font=FONT)
-    x_at = lambda x: left + (right - left) * (x - xs[0] + bars * 0.5) / (max(xs[-1] - xs[0], 1) + bars)  # noqa: E731
-    y_at = lambda y: bottom - (bottom - top) * (y - low) / (high - low or 1)  # noqa: E731
-    if bars:
-        width = (right - left) / (len(xs) + 1) * 0.8
-        for x, y in zip(xs, ys):
-            draw.rectangle((x_at(x) - width / 2, y_at(y), x_at(x) + width / 2, bottom), fill="steelblue")
-    else:
-        draw.line([(x_at(x), y_at(y)) for x, y in zip(xs, ys)], fill="steelblue", width=2)
-
+    charts = ((50, [float(r["loss"]) for r in rows], f"training loss, steps 1 to {rows[-1]['step']}", False),
+              (430, by_time, "loss by t = 0 (data) ... 1 (noise), second half", True))
+    for left, ys, title, bars in charts:
+        right, top, bottom, high = left + 310, 30, 220, max(ys) or 1.0
+        draw.rectangle((left, top, right, bottom), outline="black")
+        draw.text((left, top - 18), title, fill="black", font=FONT)
+        draw.text((left - 46, top - 6), f"{high:.3g}", fill="black", font=FONT)  # the axis starts at 0
+        xy = [(left + (right - left) * (i + bars / 2) / max(len(ys) - 1 + bars, 1), bottom - (bottom - top) * y / high)
+              for i, y in enumerate(ys)]
+        for x, y in xy if bars else []:
+            draw.rectangle((x - 12, y, x + 12, bottom), fill="steelblue")
+        draw.line(xy if not bars and len(xy) > 1 else [], fill="steelblue", width=2)
+    return write_atomically(out_dir / "loss.png", lambda f: canvas.save(f, format="PNG"))
 
 # ----------------------------------------------------------------------------- main
 
@@ -1494,32 +1057,26 @@ def main(argv=None):
     with on_stop_signals(signal.default_int_handler), one_line_errors():  # SIGTERM acts like Ctrl-C
         out_dir = Path(cfg.out_dir or Path("out") / SCRIPT)
         check_out_dir(out_dir)
-        ckpt = None
-        if cfg.resume or cfg.sample_only:
-            ckpt = load_checkpoint(out_dir / "ckpt.pt")
-            cfg = config_from_checkpoint(ckpt, given, out_dir / "ckpt.pt")
+        ckpt, cfg = load_checkpoint(out_dir / "ckpt.pt", given) if cfg.resume or cfg.sample_only else (None, cfg)
         device = get_device(cfg.device)
         torch.manual_seed(cfg.seed)
-
         transformers.logging.set_verbosity_error()  # no warnings or "Loading weights" bars on every run
         transformers.logging.disable_progress_bar()
         try:
             text_encoder = CLIPTextEncoder(cfg.text_encoder, device)
         except Exception as error:  # no network, not a text model, a broken folder: one line, not a traceback
-            reason = str(error).strip().split("\n")[0][:200]
+            reason = " ".join(str(error).split())[:200]
             raise SystemExit(f"error: could not load the text encoder {cfg.text_encoder!r} ({reason}): pass "
                              f"--text_encoder a hub id or a local folder of a Hugging Face text model")
-
-        vae = build_vae(cfg).to(device)
         model = build_model(cfg, text_encoder.embed_dim).to(device)
         ema_model = copy.deepcopy(model).requires_grad_(False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        vae = VAE(cfg.latent_channels, cfg.vae_channels, cfg.vae_downscale).to(device)
         vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=cfg.vae_weight_decay)
         parts = dict(model=model, ema=ema_model, optimizer=optimizer, vae=vae, vae_optimizer=vae_optimizer)
-        extras, step, wrote = {"progress": {}, "captions": [], "classes": [], "vae_step": 0}, 0, []  # beside the parts
-        if ckpt:
-            step = restore(ckpt, parts, device, out_dir / "ckpt.pt")
-            extras = {name: ckpt.get(name, value) for name, value in extras.items()}
+        extras = {k: ckpt[k] for k in ("progress", "captions", "classes", "vae_step")} if ckpt else {
+            "progress": {}, "vae_step": 0}  # beside the parts
+        step, wrote = restore(ckpt, parts, device, out_dir / "ckpt.pt") if ckpt else 0, []
         if cfg.vae_ckpt and not cfg.sample_only:  # a VAE trained before: stage 1 is done
             load_vae(Path(cfg.vae_ckpt), vae, cfg)
             extras["vae_step"] = cfg.vae_steps
@@ -1536,10 +1093,8 @@ def main(argv=None):
             wrote += train(model, ema_model, optimizer, latents, latent_labels, text_encoder, vae, cfg, out_dir, step,
                            device, parts, extras)
             step = cfg.steps
-        classes = extras["classes"] or [re.sub("^a photo of an? ", "", c) for c in extras["captions"]]  # older ckpts
-        wrote += write_outputs(ema_model, vae, text_encoder, classes, cfg, out_dir, device, step)
+        wrote += write_outputs(ema_model, vae, text_encoder, extras["classes"], cfg, out_dir, device, step)
         print(f"wrote {', '.join(wrote)} to {out_dir}", flush=True)
-
 
 if __name__ == "__main__":
     main()
