@@ -592,6 +592,14 @@ def test_prompts_flag_picks_what_to_draw_after_training(data, tmp_path):
     assert Image.open(tmp_path / "samples.png").size[1] < 100  # one row: the prompt typed, not the captions
 
 
+def test_many_prompts_wrap_into_columns_of_labelled_rows(data, tmp_path):
+    run(TEXT, tmp_path, data, "--steps", "1")
+    prompts = [f"a photo of cat number {k}" for k in range(40)]
+    load(TEXT).main(["--out_dir", str(tmp_path), "--sample_only", "--prompts", *prompts, "--num_samples", "1"])
+    width, height = Image.open(tmp_path / "samples.png").size
+    assert height < 17 * 68 + 40 and width > 3 * 68  # three blocks of at most 16 rows, not one column of 40
+
+
 @pytest.mark.parametrize("name", TEXT_SCRIPTS)
 def test_missing_cifar_or_text_encoder_without_network_says_what_to_do(name, data, tmp_path, monkeypatch):
     m = load(name)
@@ -965,7 +973,7 @@ def test_a_signal_inside_a_step_stops_after_it_with_a_whole_checkpoint(name, dat
     finish: the checkpoint holds whole steps, and resuming it ends where the whole run does."""
     m = load(name)
     run(name, tmp_path / "whole", data, "--steps", "8")
-    batches = "get_latent_batch" if name == "05_latent_vae" else "get_batch"  # 05: stop in stage 2
+    batches = "get_text_conditional_loss" if name == "05_latent_vae" else "get_batch"  # 05: in stage 2
     real_get_batch, calls = getattr(m, batches), []
 
     def ctrl_c_on_the_fourth_batch(*args):
@@ -994,7 +1002,7 @@ def test_ctrl_c_raised_inside_a_step_saves_the_steps_before_it(name, data, tmp_p
             raise KeyboardInterrupt
         return real_get_batch(*args)
 
-    batches = "get_latent_batch" if name == "05_latent_vae" else "get_batch"  # 05: stop in stage 2
+    batches = "get_text_conditional_loss" if name == "05_latent_vae" else "get_batch"  # 05: in stage 2
     real_get_batch = getattr(m, batches)
     monkeypatch.setattr(m, batches, interrupted_on_the_fourth_batch)
     with pytest.raises(SystemExit, match="interrupted at step 3"):
