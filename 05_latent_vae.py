@@ -130,12 +130,12 @@ def colour_of(image):
     s = image.shape[0]
     centre = np.ascontiguousarray(image[s // 4:s - s // 4, s // 4:s - s // 4])
     hue, sat, value = torch.from_numpy(np.array(Image.fromarray(centre).convert("HSV"))).float().div(255).unbind(-1)
-    c = {colour: i for i, colour in enumerate(COLOURS)}
+    index = {colour: i for i, colour in enumerate(COLOURS)}
     hue_edges = torch.tensor([15.0, 40, 70, 165, 260, 330])  # degrees: red|orange|yellow|green|blue|purple|red
     name = torch.tensor([0, 1, 2, 3, 4, 5, 0])[torch.bucketize(hue * 360, hue_edges)]
-    name = torch.where((name == c["orange"]) & (value < 0.6), c["brown"], name)  # dark orange
-    name = torch.where(sat < 0.2, torch.where(value > 0.75, c["white"], c["gray"]), name)  # too grey for a hue
-    name = torch.where(value < 0.2, c["black"], name)  # too dark for a hue
+    name = torch.where((name == index["orange"]) & (value < 0.6), index["brown"], name)  # dark orange
+    name = torch.where(sat < 0.2, torch.where(value > 0.75, index["white"], index["gray"]), name)  # too grey for a hue
+    name = torch.where(value < 0.2, index["black"], name)  # too dark for a hue
     counts = name.flatten().bincount(minlength=len(COLOURS))
     return COLOURS[counts.argmax()] if counts.max() >= 0.4 * name.numel() else None
 
