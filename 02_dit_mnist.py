@@ -174,8 +174,7 @@ class DiTBlock(nn.Module):
     def forward(self, x, c):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
-        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 class FinalLayer(nn.Module):
     """adaLN, then a linear map from each token to its patch's p*p*C velocity values."""
@@ -213,9 +212,7 @@ class DiT(nn.Module):
         return unpatchify(tokens, self.patch_size, self.in_channels, self.img_size, self.img_size)
 
 def build_model(cfg):
-    return DiT(img_size=28, patch_size=cfg.patch_size, in_channels=1, embed_dim=cfg.embed_dim,
-               depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
-
+    return DiT(**{name: getattr(cfg, name) for name in MODEL_FIELDS})  # 28x28 images, 1 channel: DiT's defaults
 
 # ----------------------------------------------------------------------------- flow-matching loss
 

@@ -390,8 +390,7 @@ class TextConditionedDiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = self.adaLN_modulation(c).chunk(9, dim=-1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
         x = x + gate2[:, None] * self.cross_attn(modulate(self.norm2(x), shift2, scale2), context, context_mask)
-        x = x + gate3[:, None] * self.mlp(modulate(self.norm3(x), shift3, scale3))
-        return x
+        return x + gate3[:, None] * self.mlp(modulate(self.norm3(x), shift3, scale3))
 
 class FinalLayer(nn.Module):
     """adaLN, then a linear map from each token to its patch's p*p*C velocity values."""
