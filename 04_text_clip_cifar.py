@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.utils import make_grid
-from transformers import AutoModelForTextEncoding, AutoTokenizer
+from transformers import AutoConfig, AutoModelForTextEncoding, AutoTokenizer, CLIPTextModel
 
 SCRIPT = Path(__file__).stem  # written into checkpoints, so another script's are refused
 
@@ -224,7 +224,9 @@ class CLIPTextEncoder:
     def __init__(self, model_name="openai/clip-vit-base-patch32", device=None):
         self.device = torch.device(device or "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_name)
-        self.model = AutoModelForTextEncoding.from_pretrained(model_name).to(self.device).eval().requires_grad_(False)
+        whole_clip = AutoConfig.from_pretrained(model_name).model_type == "clip"  # a text and an image tower
+        encoder = CLIPTextModel if whole_clip else AutoModelForTextEncoding  # of a whole CLIP: its text tower
+        self.model = encoder.from_pretrained(model_name).to(self.device).eval().requires_grad_(False)
         self.is_clip = self.model.config.model_type.startswith("clip")
         if self.tokenizer.pad_token is None:  # GPT-style tokenizers have none; padding is masked out anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.utils import make_grid
-from transformers import AutoModelForTextEncoding, AutoTokenizer
+from transformers import AutoConfig, AutoModelForTextEncoding, AutoTokenizer, CLIPTextModel
 
 SCRIPT = Path(__file__).stem  # written into checkpoints, so another script's are refused
 
@@ -239,7 +239,9 @@ class CLIPTextEncoder:
     def __init__(self, model_name="openai/clip-vit-base-patch32", device=None):
         self.device = torch.device(device or "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_name)
-        self.model = AutoModelForTextEncoding.from_pretrained(model_name).to(self.device).eval().requires_grad_(False)
+        whole_clip = AutoConfig.from_pretrained(model_name).model_type == "clip"  # a text and an image tower
+        encoder = CLIPTextModel if whole_clip else AutoModelForTextEncoding  # of a whole CLIP: its text tower
+        self.model = encoder.from_pretrained(model_name).to(self.device).eval().requires_grad_(False)
         self.is_clip = self.model.config.model_type.startswith("clip")
         if self.tokenizer.pad_token is None:  # GPT-style tokenizers have none; padding is masked out anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
@@ -595,8 +597,7 @@ def encode_training_latents(vae, images, labels):
     print(f"encoded {len(latents)} latents {tuple(latents.shape[1:])}, scaled by 1/std = {vae.scale_factor.item():.4f}")
     return latents * vae.scale_factor, torch.cat([labels, labels])
 
-def train(model, ema_model, optimizer, latents, labels, text_encoder, vae, cfg, out_dir, step, device, parts,
-          extras):
+def train(model, ema_model, optimizer, latents, labels, text_encoder, vae, cfg, out_dir, step, device, parts, extras):
     """Stage 2, the training loop, from step to cfg.steps. Ctrl-C and SIGTERM stop it between two steps
     with a checkpoint; a non-finite loss or gradient stops it before it touches the weights."""
     ckpt_path, saved_step = out_dir / "ckpt.pt", step if cfg.resume else None  # the step on disk

@@ -7,6 +7,7 @@ They also check the math on the functions themselves.
 
 import importlib
 import inspect
+import json
 import os
 import signal
 import struct
@@ -23,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (BertConfig, BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
-                          CLIPVisionConfig, CLIPVisionModel)
+from transformers import (BertConfig, BertModel, BertTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
+                          CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel)
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -68,18 +69,25 @@ def make_image_folder(root, classes=("cat", "ship", "airplane")):
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def make_tiny_clip(root, positions=77, width=32):
-    """A tiny random CLIP text model and a letter-level CLIP tokenizer, saved with
-    save_pretrained as a real one would be: CLIPTextEncoder loads it from the folder."""
+def make_tiny_clip(root, positions=77, width=32, whole=False):
+    """A tiny random CLIP text model and a letter-level CLIP tokenizer, saved with save_pretrained as a real one
+    would be: CLIPTextEncoder loads it from the folder. whole: a CLIP with an image tower too, as on the hub."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for letter in LETTERS:
         vocab[letter], vocab[letter + "</w>"] = len(vocab), len(vocab) + 1
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    root.mkdir(parents=True)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")  # no merges: one token per letter
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=77)
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=2, max_position_embeddings=positions, bos_token_id=0, eos_token_id=1,
                             pad_token_id=1)
     torch.manual_seed(0)
-    CLIPTextModel(config).save_pretrained(root)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=16)
+    model = CLIPModel(CLIPConfig(text_config=config.to_dict(), vision_config=vision.to_dict())) if whole else (
+        CLIPTextModel(config))
+    model.save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root
 
@@ -733,7 +741,7 @@ def test_seed_latent_example_runs_as_written_with_clip_from_the_local_cache(tmp_
     """No text encoder passed: the default CLIP loads from the Hugging Face cache, as it would
     offline on a learner's machine. The cache holds a tiny CLIP of CLIP's width under CLIP's name."""
     repo = tmp_path / "hub" / "models--openai--clip-vit-base-patch32"
-    make_tiny_clip(repo / "snapshots" / "0123abcd", width=512)
+    make_tiny_clip(repo / "snapshots" / "0123abcd", width=512, whole=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
     check = ("import importlib, sys; sys.modules['text_to_image'] = importlib.import_module('05_latent_vae')\n"
@@ -766,6 +774,7 @@ trainer.save_checkpoint("phase4_text_conditional_dit.pt")
 @pytest.mark.parametrize("name", TEXT_SCRIPTS)
 def test_seed_trainer_cell_runs_as_written(name, data, tmp_path, monkeypatch, capsys):
     m = load(name)
+    torch.manual_seed(0)  # the shuffling and the model's start, whatever the tests before drew
     folder = m.ImageFolder(data["images"], transform=m.transforms.Compose([
         m.transforms.Resize(8), m.transforms.CenterCrop(8), m.transforms.ToTensor(),
         m.transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]))
