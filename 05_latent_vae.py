@@ -239,8 +239,8 @@ class CLIPTextEncoder:
     def __init__(self, model_name="openai/clip-vit-base-patch32", device=None):
         self.device = torch.device(device or "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_name)
-        whole_clip = AutoConfig.from_pretrained(model_name).model_type == "clip"  # a text and an image tower
-        encoder = CLIPTextModel if whole_clip else AutoModelForTextEncoding  # of a whole CLIP: its text tower
+        whole_clip = AutoConfig.from_pretrained(model_name).model_type == "clip"  # the hub's CLIP: text + image
+        encoder = CLIPTextModel if whole_clip else AutoModelForTextEncoding  # of a whole CLIP, only the text tower
         self.model = encoder.from_pretrained(model_name).to(self.device).eval().requires_grad_(False)
         self.is_clip = self.model.config.model_type.startswith("clip")
         if self.tokenizer.pad_token is None:  # GPT-style tokenizers have none; padding is masked out anyway
