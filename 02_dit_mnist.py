@@ -49,7 +49,7 @@ class Config:
     mlp_ratio: float = 4.0  # MLP hidden width / embed_dim; must be above 0
     steps: int = 4400  # optimizer steps; must be at least 1
     batch_size: int = 64  # images per step; must be at least 1
-    lr: float = 2e-3  # learning rate, after a linear warmup; must not be negative
+    lr: float = 4e-3  # learning rate, after a linear warmup (4x the U-Net's: see the README); must not be negative
     warmup_steps: int = 100  # linear warmup from 0 to lr, then constant; must not be negative
     weight_decay: float = 0.0  # AdamW weight decay; must not be negative
     grad_clip: float = 1.0  # clip the gradient norm to this; must be above 0
