@@ -150,8 +150,7 @@ def unpatchify(tokens, p, c, h, w):
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
 def sincos_pos_embed_2d(dim, grid_size):
-    """Fixed 2D sin-cos position embedding [grid*grid, dim]: a quarter of the features is sin(row * f), a
-    quarter cos(row * f), then the same for the column, at the Transformer's dim/4 frequencies f."""
+    """Fixed 2D sin-cos positions [grid*grid, dim]: sin(row f), cos(row f), sin(col f), cos(col f) at dim/4 freqs f."""
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
     angles = [position.flatten().float()[:, None] * freqs[None] for position in (rows, cols)]
@@ -234,11 +233,11 @@ def build_model(cfg):
 
 # ----------------------------------------------------------------------------- flow-matching loss
 
-def sample_timesteps(batch_size, time_sampling, device):
-    """t ~ U(0, 1), or logit-normal: sigmoid of a standard normal (SD3, Esser et al. 2024), which
-    spends more steps at middle t, where predicting v is hardest; the ends are easy."""
-    uniform = time_sampling == "uniform"
-    return torch.rand(batch_size, device=device) if uniform else torch.sigmoid(torch.randn(batch_size, device=device))
+def sample_timesteps(batch_size, time_sampling, device, mean=0.0):
+    """t ~ U(0, 1), or logit-normal: sigmoid of a normal N(mean, 1) (SD3, Esser et al. 2024), which spends more
+    steps at middle t, where predicting v is hardest; the ends are easy. A mean above 0 leans toward the noise."""
+    noise = torch.randn(batch_size, device=device)
+    return torch.rand(batch_size, device=device) if time_sampling == "uniform" else torch.sigmoid(noise + mean)
 
 def get_conditional_loss(model, x0, labels, label_dropout=0.1, time_sampling="logit_normal", record=None):
     """Flow-matching loss (3) for a batch of data x0 in [-1, 1] with its labels, each of which becomes the null

@@ -201,6 +201,16 @@ def test_time_sampling(name):
     # logit-normal concentrates on the middle: far fewer t near the ends than uniform's 20%
     t = m.sample_timesteps(20000, "logit_normal", "cpu")
     assert ((t < 0.1) | (t > 0.9)).float().mean() < 0.06
+    if name != "01_flow_mnist":  # from step 2 on, the logit-normal's mean moves its median to sigmoid(mean)
+        assert abs(m.sample_timesteps(20000, "logit_normal", "cpu", 0.5).median() - 0.6225) < 0.01
+
+
+def test_the_dit_trains_at_the_configured_time_mean(data, tmp_path, monkeypatch):
+    m, means = load("02_dit_mnist"), []
+    sample_timesteps = m.sample_timesteps
+    monkeypatch.setattr(m, "sample_timesteps", lambda *args: means.append(args[-1]) or sample_timesteps(*args))
+    run("02_dit_mnist", tmp_path, data, "--steps", "2", "--time_mean", "1.5", pictures=False)
+    assert means == [1.5, 1.5] and m.Config().time_mean == 0.5
 
 
 @pytest.mark.parametrize("name", MNIST_SCRIPTS)
@@ -1177,7 +1187,7 @@ def test_help_shows_each_flags_comment(name, capsys):
 
 SHARED = {  # what a later step copies word for word from the earlier ones
     "get_device": SCRIPTS, "autocast": SCRIPTS, "TimeEmbedding": SCRIPTS,
-    "sample_timesteps": SCRIPTS, "integrate": SCRIPTS, "lr_at": SCRIPTS,
+    "sample_timesteps": SCRIPTS[1:], "integrate": SCRIPTS, "lr_at": SCRIPTS,
     "update_ema": SCRIPTS, "save_trajectory": SCRIPTS, "save_nfe_sweep": SCRIPTS, "preview": SCRIPTS,
     "save_progress": SCRIPTS, "parse_config": MNIST_SCRIPTS, "config_problems": SCRIPTS, "finite_float": SCRIPTS,
     "check_out_dir": SCRIPTS, "download": SCRIPTS, "load_checkpoint": SCRIPTS,
