@@ -10,8 +10,7 @@ What this step adds
       3. transformer blocks whose LayerNorms are shifted, scaled and gated by the time
          embedding (adaLN-Zero: the gates start at 0, so each block starts as the identity)
       4. a final adaLN layer maps each token back to its patch's velocity; unpatchify
-    A small DiT learns local strokes fast and whole shapes slowly, so it trains nearer the noise, where shapes are
-    decided (t's logit-normal mean 0.5), at 6x the U-Net's learning rate with AdamW's beta2 at 0.95 (README, step 2).
+    A small DiT learns shapes slowly: it trains nearer the noise (time_mean), at 6x the U-Net's lr, beta2 0.95 (README).
 
 Run it
     python 02_dit_mnist.py                      # full run (downloads MNIST to ./data)
@@ -221,8 +220,9 @@ def build_model(cfg):
 def sample_timesteps(batch_size, time_sampling, device, mean=0.0):
     """t ~ U(0, 1), or logit-normal: sigmoid of a normal N(mean, 1) (SD3, Esser et al. 2024), which spends more
     steps at middle t, where predicting v is hardest; the ends are easy. A mean above 0 leans toward the noise."""
-    noise = torch.randn(batch_size, device=device)
-    return torch.rand(batch_size, device=device) if time_sampling == "uniform" else torch.sigmoid(noise + mean)
+    if time_sampling == "uniform":
+        return torch.rand(batch_size, device=device)
+    return torch.sigmoid(mean + torch.randn(batch_size, device=device))
 
 def get_loss(model, x0, time_sampling="logit_normal", record=None, time_mean=0.0):
     """Flow-matching loss (3) for a batch of data x0 in [-1, 1]. record, a list when given,
@@ -634,7 +634,7 @@ def main(argv=None):
         torch.manual_seed(cfg.seed)
         model = build_model(cfg).to(device)
         ema_model = copy.deepcopy(model).requires_grad_(False)
-        optimizer = torch.optim.AdamW(model.parameters(), cfg.lr, (0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
         parts = dict(model=model, ema=ema_model, optimizer=optimizer)  # what a checkpoint holds
         extras = {"progress": ckpt["progress"] if ckpt else {}}  # beside the parts: progress.png's rows so far
         step, wrote = restore(ckpt, parts, device, out_dir / "ckpt.pt") if ckpt else 0, []

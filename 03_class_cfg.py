@@ -236,8 +236,9 @@ def build_model(cfg):
 def sample_timesteps(batch_size, time_sampling, device, mean=0.0):
     """t ~ U(0, 1), or logit-normal: sigmoid of a normal N(mean, 1) (SD3, Esser et al. 2024), which spends more
     steps at middle t, where predicting v is hardest; the ends are easy. A mean above 0 leans toward the noise."""
-    noise = torch.randn(batch_size, device=device)
-    return torch.rand(batch_size, device=device) if time_sampling == "uniform" else torch.sigmoid(noise + mean)
+    if time_sampling == "uniform":
+        return torch.rand(batch_size, device=device)
+    return torch.sigmoid(mean + torch.randn(batch_size, device=device))
 
 def get_conditional_loss(model, x0, labels, label_dropout=0.1, time_sampling="logit_normal", record=None):
     """Flow-matching loss (3) for a batch of data x0 in [-1, 1] with its labels, each of which becomes the null

@@ -394,8 +394,9 @@ def build_model(cfg, context_dim):
 def sample_timesteps(batch_size, time_sampling, device, mean=0.0):
     """t ~ U(0, 1), or logit-normal: sigmoid of a normal N(mean, 1) (SD3, Esser et al. 2024), which spends more
     steps at middle t, where predicting v is hardest; the ends are easy. A mean above 0 leans toward the noise."""
-    noise = torch.randn(batch_size, device=device)
-    return torch.rand(batch_size, device=device) if time_sampling == "uniform" else torch.sigmoid(noise + mean)
+    if time_sampling == "uniform":
+        return torch.rand(batch_size, device=device)
+    return torch.sigmoid(mean + torch.randn(batch_size, device=device))
 
 def get_text_conditional_loss(model, x0, text_embeddings, text_mask, null_embedding, null_mask,
                               text_dropout=0.1, time_sampling="logit_normal", record=None):

@@ -446,8 +446,9 @@ def build_model(cfg, context_dim):
 def sample_timesteps(batch_size, time_sampling, device, mean=0.0):
     """t ~ U(0, 1), or logit-normal: sigmoid of a normal N(mean, 1) (SD3, Esser et al. 2024), which spends more
     steps at middle t, where predicting v is hardest; the ends are easy. A mean above 0 leans toward the noise."""
-    noise = torch.randn(batch_size, device=device)
-    return torch.rand(batch_size, device=device) if time_sampling == "uniform" else torch.sigmoid(noise + mean)
+    if time_sampling == "uniform":
+        return torch.rand(batch_size, device=device)
+    return torch.sigmoid(mean + torch.randn(batch_size, device=device))
 
 def get_vae_loss(vae, x, kl_weight):
     """Stage 1 loss (7) for images x in [-1, 1]. The KL term pulls each latent distribution towards N(0, I), a
