@@ -18,8 +18,7 @@ What this step adds
 
 Run it
     python 01_flow_mnist.py                     # full run (downloads MNIST to ./data)
-    python 01_flow_mnist.py --tiny              # a few seconds, to see that it works
-    python 01_flow_mnist.py --help              # every flag, generated from Config
+    python 01_flow_mnist.py --tiny              # a few seconds, to see that it works; --help lists every flag
 
 What to expect
     About 15 minutes on a 2-core laptop CPU. out/01_flow_mnist/ then holds samples.png,
@@ -178,8 +177,7 @@ def sample_timesteps(batch_size, time_sampling, device):
     return torch.rand(batch_size, device=device) if uniform else torch.sigmoid(torch.randn(batch_size, device=device))
 
 def get_loss(model, x0, time_sampling="logit_normal", record=None):
-    """Flow-matching loss (3) for a batch of data x0 in [-1, 1]. record, a list when given,
-    collects (t, each image's loss): the loss by time, for log.csv."""
+    """Flow-matching loss (3) for data x0 in [-1, 1]; record, if a list, collects (t, each image's loss) for log.csv."""
     x1 = torch.randn_like(x0)                           # noise
     t = sample_timesteps(len(x0), time_sampling, x0.device)
     t_ = t[:, None, None, None]
@@ -209,8 +207,7 @@ def integrate(velocity, x, num_steps, sampler="euler", trajectory=True):
         states = states + [x] if trajectory else [x]
     return states
 
-def sample(model, num_samples, num_steps=50, image_shape=(1, 28, 28), device=None, trajectory=False,
-           sampler="euler"):
+def sample(model, num_samples, num_steps=50, image_shape=(1, 28, 28), device=None, trajectory=False, sampler="euler"):
     """Generate images in [-1, 1]; trajectory=True returns every sampler state instead."""
     device = torch.device(device or next(model.parameters()).device)
     def velocity(x, t):
@@ -405,8 +402,7 @@ def save_checkpoint(path, cfg, step, parts, rng, extras):
     write_atomically(path, lambda f: torch.save(state, f))
 
 def write_atomically(path, write):
-    """write(file) to a temporary file, then rename it to path: a crash or a full disk never leaves half a file,
-    and the file that was there stays intact. Returns [path's name]."""
+    """write(file) to a temporary file, then rename it to path: never half a file, and the old one stays intact."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -446,8 +442,7 @@ def check_finite(what, value, step, ckpt_path, saved_step):
         raise SystemExit(f"error: {what} became {value.item()} at step {step}; {kept}")
 
 class TrainingLog:
-    """A progress line every cfg.log_every seconds, and the same numbers in log.csv: step, loss, lr,
-    images/s, and the mean loss in ten bins of t, to see where on the path learning is hard."""
+    """A progress line every cfg.log_every seconds; log.csv: step, loss, lr, images/s, the loss in ten bins of t."""
 
     def __init__(self, path, cfg, step, device, model):
         self.cfg, self.first_step, self.last_step, self.start = cfg, step, step, time.time()

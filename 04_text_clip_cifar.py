@@ -740,8 +740,7 @@ def save_checkpoint(path, cfg, step, parts, rng, extras):
     write_atomically(path, lambda f: torch.save(state, f))
 
 def write_atomically(path, write):
-    """write(file) to a temporary file, then rename it to path: a crash or a full disk never leaves half a file,
-    and the file that was there stays intact. Returns [path's name]."""
+    """write(file) to a temporary file, then rename it to path: never half a file, and the old one stays intact."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -781,8 +780,7 @@ def check_finite(what, value, step, ckpt_path, saved_step):
         raise SystemExit(f"error: {what} became {value.item()} at step {step}; {kept}")
 
 class TrainingLog:
-    """A progress line every cfg.log_every seconds, and the same numbers in log.csv: step, loss, lr,
-    images/s, and the mean loss in ten bins of t, to see where on the path learning is hard."""
+    """A progress line every cfg.log_every seconds; log.csv: step, loss, lr, images/s, the loss in ten bins of t."""
 
     def __init__(self, path, cfg, step, device, model):
         self.cfg, self.first_step, self.last_step, self.start = cfg, step, step, time.time()

@@ -345,6 +345,15 @@ def test_position_embedding_is_distinct_per_patch():
     assert torch.equal(pe[7 * 3 + 5, :32], pe[7 * 3, :32]) and torch.equal(pe[7 * 3 + 5, 32:], pe[5, 32:])
 
 
+def test_the_local_mlp_mixes_a_token_with_its_8_neighbours_only():
+    mlp = load("02_dit_mnist").LocalMLP(8, 16)
+    x = torch.randn(1, 49, 8)
+    moved = x.clone()
+    moved[0, 7 * 3 + 3] += 1.0  # the token in the middle of the 7x7 grid
+    changed = (mlp(moved) - mlp(x)).abs().sum(-1).reshape(7, 7) > 0
+    assert changed[2:5, 2:5].all() and changed.sum() == 9  # itself and its 8 neighbours, nothing else
+
+
 def test_adaln_zero_blocks_start_as_the_identity():
     m = load("02_dit_mnist")
     block = m.DiTBlock(32, 4)
