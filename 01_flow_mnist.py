@@ -16,14 +16,9 @@ What this step adds
     exactly; the more the learned paths bend, the more steps Euler needs and the more Heun buys back (error
     ~ 1/steps^2 against Euler's 1/steps): 4 Heun steps (7 NFE) draw digits as good as 50 Euler steps.
 
-Run it
+Run it (about 15 minutes on a 2-core laptop CPU; outputs in out/01_flow_mnist/, the README shows each)
     python 01_flow_mnist.py                     # full run (downloads MNIST to ./data)
     python 01_flow_mnist.py --tiny              # a few seconds, to see that it works; --help lists every flag
-
-What to expect
-    About 15 minutes on a 2-core laptop CPU. out/01_flow_mnist/ then holds samples.png,
-    trajectory.png and .gif (noise turning into digits from t=1 to 0), nfe_sweep.png,
-    progress.png (the same noise during training), loss.png (by step and by t), log.csv, ckpt.pt.
 """
 
 import argparse, copy, csv, dataclasses, inspect, io, math, os, re, shutil, signal, time
@@ -402,7 +397,7 @@ def save_checkpoint(path, cfg, step, parts, rng, extras):
     write_atomically(path, lambda f: torch.save(state, f))
 
 def write_atomically(path, write):
-    """write(file) to a temporary file, then rename it to path: never half a file, and the old one stays intact."""
+    """write(file) to a temporary file, renamed to path: never half a file, the old one intact. Returns [path.name]."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:

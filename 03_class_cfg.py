@@ -13,15 +13,10 @@ What this step adds
     further towards what makes them "a 7". Both halves run in one batched forward pass, so
     one guided evaluation counts as one NFE (of a batch twice as large).
 
-Run it
+Run it (about 15 minutes on a 2-core laptop CPU; outputs in out/03_class_cfg/, the README shows each)
     python 03_class_cfg.py                      # full run (downloads MNIST to ./data)
-    python 03_class_cfg.py --tiny               # a few seconds, to see that it works
+    python 03_class_cfg.py --tiny               # a few seconds, to see that it works; --help lists every flag
     python 03_class_cfg.py --sample_only --cfg_scale 4   # resample with another guidance scale
-
-What to expect
-    About 15 minutes on a 2-core laptop CPU. out/03_class_cfg/ then holds samples.png (row k =
-    digit k), cfg_sweep.png (the same noise for every digit at guidance scales 0 to 6),
-    trajectory.png and .gif, nfe_sweep.png, progress.png, loss.png, log.csv, ckpt.pt.
 """
 
 import argparse, copy, csv, dataclasses, inspect, io, math, os, re, shutil, signal, time
@@ -143,11 +138,14 @@ def patchify(x, p):
     x = x.reshape(b, c, h // p, p, w // p, p)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
 
-def unpatchify(tokens, p, c, h, w):
-    """The exact inverse of patchify: [B, (H/p)*(W/p), p*p*C] -> [B, C, H, W]."""
-    b = tokens.shape[0]
-    x = tokens.reshape(b, h // p, w // p, p, p, c)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+def overlap_add(tokens, p, c, h, w):
+    """[B, (H/p)*(W/p), k*k*C] -> [B, C, H, W]: each token paints a k x k patch (k = 2p) centred on its own p x p one,
+    weighted by a tent; where patches overlap, their weighted average: neighbours fade into each other, no seams."""
+    k = p + 2 * (p // 2)  # 2p for an even p; 1 for p = 1, where patches do not overlap
+    tent = torch.minimum(torch.arange(k) + 0.5, k - 0.5 - torch.arange(k)).to(tokens.device)
+    window = (tent[:, None] * tent[None]).flatten().repeat(c)[:, None]  # fold's layout: [C * k * k, tokens]
+    fold = lambda x: F.fold(x, (h, w), kernel_size=k, stride=p, padding=p // 2)
+    return fold(tokens.transpose(1, 2) * window) / fold(window.expand(-1, tokens.shape[1])[None])
 
 def sincos_pos_embed_2d(dim, grid_size):
     """Fixed 2D sin-cos positions [grid*grid, dim]: sin(row f), cos(row f), sin(col f), cos(col f) at dim/4 freqs f."""
@@ -172,14 +170,24 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
+class LocalMLP(nn.Module):
+    """The MLP, plus a 3x3 depthwise conv over the token grid (SegFormer's Mix-FFN): each token sees its neighbours."""
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.local = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)  # one 3x3 filter per channel
+
+    def forward(self, x):
+        h = self.fc1(x)
+        grid = h.transpose(1, 2).unflatten(2, (math.isqrt(x.shape[1]), -1))  # the tokens on their square grid
+        return self.fc2(F.gelu(h + self.local(grid).flatten(2).transpose(1, 2), approximate="tanh"))
+
 class DiTBlock(nn.Module):
-    """A transformer block modulated by c (adaLN-Zero): a shift, a scale and a gate for attention and for the MLP."""
+    """A transformer block modulated by c (adaLN-Zero): shift, scale and a zero-init gate for attention and the MLP."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1, self.norm2 = (nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) for _ in range(2))
-        self.attn = Attention(dim, num_heads)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.attn, self.mlp = Attention(dim, num_heads), LocalMLP(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # the "Zero" in adaLN-Zero
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
@@ -190,15 +198,14 @@ class DiTBlock(nn.Module):
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 class FinalLayer(nn.Module):
-    """adaLN, then a linear map from each token to its patch's p*p*C velocity values."""
+    """adaLN, then a linear map from each token to the k*k*C velocity values of the patch it paints (overlap_add)."""
     def __init__(self, dim, patch_size, out_channels):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        for layer in (self.adaLN_modulation[-1], self.linear):  # start by predicting v = 0
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.linear = nn.Linear(dim, (patch_size + 2 * (patch_size // 2)) ** 2 * out_channels)  # a k x k patch
+        for param in [*self.adaLN_modulation[-1].parameters(), *self.linear.parameters()]:  # start by predicting v = 0
+            nn.init.zeros_(param)
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
@@ -206,7 +213,7 @@ class FinalLayer(nn.Module):
 
 class ConditionalDiT(nn.Module):
     """Diffusion Transformer (Peebles & Xie 2023): patchify -> embed + position -> DiT blocks
-    conditioned on the time embedding plus the class embedding -> final layer -> unpatchify."""
+    conditioned on the time embedding plus the class embedding -> final layer -> overlap_add."""
     def __init__(self, num_classes=10, img_size=28, patch_size=4, in_channels=1, embed_dim=128,
                  depth=6, num_heads=4, mlp_ratio=4.0):
         super().__init__()
@@ -224,8 +231,7 @@ class ConditionalDiT(nn.Module):
         c = self.time_embed(t) + self.class_embed(y)  # the label steers every block via adaLN
         for block in self.blocks:
             tokens = block(tokens, c)
-        tokens = self.final_layer(tokens, c)
-        return unpatchify(tokens, self.patch_size, self.in_channels, self.img_size, self.img_size)
+        return overlap_add(self.final_layer(tokens, c), self.patch_size, self.in_channels, self.img_size, self.img_size)
 
 def build_model(cfg):
     return ConditionalDiT(**{name: getattr(cfg, name) for name in MODEL_FIELDS})  # 28x28 images, 1 channel: defaults
@@ -504,7 +510,7 @@ def save_checkpoint(path, cfg, step, parts, rng, extras):
     write_atomically(path, lambda f: torch.save(state, f))
 
 def write_atomically(path, write):
-    """write(file) to a temporary file, then rename it to path: never half a file, and the old one stays intact."""
+    """write(file) to a temporary file, renamed to path: never half a file, the old one intact. Returns [path.name]."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:

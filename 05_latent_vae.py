@@ -10,15 +10,10 @@ What this step adds
     instead of 64, each step several times cheaper. Sampling ends with the VAE's decoder turning latents into pixels.
     --vae_downscale 8 (as in Stable Diffusion) gives 64x64 images the 4x8x8 latents, and cheap DiT, of 32x32 ones.
 
-Run it
-    python 05_latent_vae.py                      # full run (downloads CIFAR-10 and CLIP)
-    python 05_latent_vae.py --tiny               # a few seconds, to see that it works
+Run it (about 35 minutes on a 2-core laptop CPU: VAE 9, encoding 2, flow 24; outputs in out/05_latent_vae/)
+    python 05_latent_vae.py                      # full run (downloads CIFAR-10, 170 MB, and CLIP, 600 MB)
+    python 05_latent_vae.py --tiny               # a few seconds, to see that it works; --help lists every flag
     python 05_latent_vae.py --vae_ckpt out/05_latent_vae/ckpt.pt --out_dir out/05b  # reuse a trained VAE
-
-What to expect
-    About 35 minutes on a 2-core laptop CPU: 9 to train the VAE, 2 to encode the data, 24 for the flow on latents.
-    Then out/05_latent_vae/ holds recon.png (held-out images above their reconstructions), samples.png, cfg_sweep.png,
-    colours.png, attention.png, trajectory.png/.gif, nfe_sweep.png, progress.png, loss.png, log.csv, vae_log.csv.
 """
 
 import argparse, copy, csv, dataclasses, inspect, io, math, os, re, shutil, signal, time
@@ -313,11 +308,14 @@ def patchify(x, p):
     x = x.reshape(b, c, h // p, p, w // p, p)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
 
-def unpatchify(tokens, p, c, h, w):
-    """The exact inverse of patchify: [B, (H/p)*(W/p), p*p*C] -> [B, C, H, W]."""
-    b = tokens.shape[0]
-    x = tokens.reshape(b, h // p, w // p, p, p, c)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+def overlap_add(tokens, p, c, h, w):
+    """[B, (H/p)*(W/p), k*k*C] -> [B, C, H, W]: each token paints a k x k patch (k = 2p) centred on its own p x p one,
+    weighted by a tent; where patches overlap, their weighted average: neighbours fade into each other, no seams."""
+    k = p + 2 * (p // 2)  # 2p for an even p; 1 for p = 1, where patches do not overlap
+    tent = torch.minimum(torch.arange(k) + 0.5, k - 0.5 - torch.arange(k)).to(tokens.device)
+    window = (tent[:, None] * tent[None]).flatten().repeat(c)[:, None]  # fold's layout: [C * k * k, tokens]
+    fold = lambda x: F.fold(x, (h, w), kernel_size=k, stride=p, padding=p // 2)
+    return fold(tokens.transpose(1, 2) * window) / fold(window.expand(-1, tokens.shape[1])[None])
 
 def sincos_pos_embed_2d(dim, grid_size):
     """Fixed 2D sin-cos positions [grid*grid, dim]: sin(row f), cos(row f), sin(col f), cos(col f) at dim/4 freqs f."""
@@ -341,6 +339,18 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+class LocalMLP(nn.Module):
+    """The MLP, plus a 3x3 depthwise conv over the token grid (SegFormer's Mix-FFN): each token sees its neighbours."""
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.local = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)  # one 3x3 filter per channel
+
+    def forward(self, x):
+        h = self.fc1(x)
+        grid = h.transpose(1, 2).unflatten(2, (math.isqrt(x.shape[1]), -1))  # the tokens on their square grid
+        return self.fc2(F.gelu(h + self.local(grid).flatten(2).transpose(1, 2), approximate="tanh"))
 
 def split_heads(x, num_heads):
     """[B, L, heads * d] -> [B, heads, L, d]: each head attends on its own slice of the features."""
@@ -381,8 +391,7 @@ class TextConditionedDiTBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) for _ in range(3))
         self.attn = Attention(dim, num_heads)
         self.cross_attn = CrossAttention(dim, context_dim, num_heads)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.mlp = LocalMLP(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # the "Zero" in adaLN-Zero
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
@@ -394,15 +403,14 @@ class TextConditionedDiTBlock(nn.Module):
         return x + gate3[:, None] * self.mlp(modulate(self.norm3(x), shift3, scale3))
 
 class FinalLayer(nn.Module):
-    """adaLN, then a linear map from each token to its patch's p*p*C velocity values."""
+    """adaLN, then a linear map from each token to the k*k*C velocity values of the patch it paints (overlap_add)."""
     def __init__(self, dim, patch_size, out_channels):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        for layer in (self.adaLN_modulation[-1], self.linear):  # start by predicting v = 0
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.linear = nn.Linear(dim, (patch_size + 2 * (patch_size // 2)) ** 2 * out_channels)  # a k x k patch
+        for param in [*self.adaLN_modulation[-1].parameters(), *self.linear.parameters()]:  # start by predicting v = 0
+            nn.init.zeros_(param)
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
@@ -410,7 +418,7 @@ class FinalLayer(nn.Module):
 
 class TextConditionalDiT(nn.Module):
     """Diffusion Transformer (Peebles & Xie 2023): patchify -> embed + position -> DiT blocks
-    conditioned on the time embedding (adaLN) and on the text tokens (cross-attention) -> final layer -> unpatchify."""
+    conditioned on the time embedding (adaLN) and on the text tokens (cross-attention) -> final layer -> overlap_add."""
     def __init__(self, img_size=32, patch_size=4, in_channels=3, embed_dim=256, depth=6, num_heads=8,
                  mlp_ratio=4.0, context_dim=512):
         super().__init__()
@@ -431,8 +439,7 @@ class TextConditionalDiT(nn.Module):
         c = self.time_embed(t)  # time steers every block via adaLN, the text via cross-attention
         for block in self.blocks:
             tokens = block(tokens, c, text_embeddings, text_mask)
-        tokens = self.final_layer(tokens, c)
-        return unpatchify(tokens, self.patch_size, self.in_channels, self.img_size, self.img_size)
+        return overlap_add(self.final_layer(tokens, c), self.patch_size, self.in_channels, self.img_size, self.img_size)
 
 ConditionalDiT = TextConditionalDiT  # seed 000's name: a class label reaches the model as its caption
 
@@ -799,8 +806,7 @@ def model_problems(cfg):
         return ["--vae_downscale must be 2, 4, 8 or 16; --vae_channels must divide by 8 (GroupNorm's 8 groups)"]
     bad = min(cfg.patch_size, cfg.num_heads) >= 1 and (cfg.img_size % (cfg.vae_downscale * cfg.patch_size)
                                                        or cfg.embed_dim % 4 or cfg.embed_dim % cfg.num_heads)
-    problems = ["--vae_downscale * --patch_size must divide --img_size; --embed_dim must divide by 4 and by "
-                "--num_heads"] if bad else []
+    problems = ["--vae_downscale*--patch_size must divide --img_size; --embed_dim by 4 and --num_heads"] if bad else []
     if any(not prompt.strip() for prompt in cfg.prompts):
         problems.append("--prompts must not be empty: the empty prompt is the unconditional half of guidance")
     return problems
@@ -867,11 +873,6 @@ def restore(ckpt, parts, device, path):
         getattr(torch, device.type).set_rng_state(ckpt["rng"][device.type])
     return ckpt["step"]
 
-def load_vae(path, vae, cfg):
-    """--vae_ckpt: the VAE of another 05 run, refused when it was built with other VAE flags."""
-    vae_flags = {name: getattr(cfg, name) for name in ("latent_channels", "vae_channels", "vae_downscale")}
-    vae.load_state_dict(load_checkpoint(path, dict(vae_flags, resume=False), "--vae_ckpt")[0]["vae"])
-
 def rng_states(device):
     """The random generators' states, so that a resumed run draws what the uninterrupted one would."""
     accelerator = {} if device.type == "cpu" else {device.type: getattr(torch, device.type).get_rng_state()}
@@ -883,7 +884,7 @@ def save_checkpoint(path, cfg, step, parts, rng, extras):
     write_atomically(path, lambda f: torch.save(state, f))
 
 def write_atomically(path, write):
-    """write(file) to a temporary file, then rename it to path: never half a file, and the old one stays intact."""
+    """write(file) to a temporary file, renamed to path: never half a file, the old one intact. Returns [path.name]."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1075,8 +1076,9 @@ def main(argv=None):
         extras = {k: ckpt[k] for k in ("progress", "captions", "classes", "vae_step")} if ckpt else {
             "progress": {}, "vae_step": 0}  # beside the parts
         step, wrote = restore(ckpt, parts, device, out_dir / "ckpt.pt") if ckpt else 0, []
-        if cfg.vae_ckpt and not cfg.sample_only:  # a VAE trained before: stage 1 is done
-            load_vae(Path(cfg.vae_ckpt), vae, cfg)
+        if cfg.vae_ckpt and not cfg.sample_only:  # another 05 run's VAE, refused if built with other VAE flags
+            flags = {name: getattr(cfg, name) for name in ("latent_channels", "vae_channels", "vae_downscale")}
+            vae.load_state_dict(load_checkpoint(Path(cfg.vae_ckpt), dict(flags, resume=False), "--vae_ckpt")[0]["vae"])
             extras["vae_step"] = cfg.vae_steps
         if not cfg.sample_only:
             images, labels, extras["captions"], extras["classes"] = load_images(cfg.data_dir, cfg.img_size, device,
