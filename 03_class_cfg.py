@@ -11,7 +11,8 @@ What this step adds
         v = v_uncond + w * (v_cond - v_uncond)                          (5)
     w = 0 is unconditional, w = 1 the plain conditional model, w > 1 pushes samples
     further towards what makes them "a 7". Both halves run in one batched forward pass, so
-    one guided evaluation counts as one NFE (of a batch twice as large).
+    one guided evaluation counts as one NFE (of a batch twice as large). Where x_t is nearly pure noise
+    (t > 0.8), w is capped at 1: guidance works in the middle of the path (Kynkäänniemi et al. 2024).
 
 Run it (about 15 minutes on a 2-core laptop CPU; outputs in out/03_class_cfg/, the README shows each)
     python 03_class_cfg.py                      # full run (downloads MNIST to ./data)
@@ -141,7 +142,7 @@ def patchify(x, p):
 def overlap_add(tokens, p, c, h, w):
     """[B, (H/p)*(W/p), k*k*C] -> [B, C, H, W]: each token paints a k x k patch (k = 2p) centred on its own p x p one,
     weighted by a tent; where patches overlap, their weighted average: neighbours fade into each other, no seams."""
-    k = p + 2 * (p // 2)  # 2p for an even p; 1 for p = 1, where patches do not overlap
+    k = math.isqrt(tokens.shape[2] // c)  # the side of the patch each token paints (FinalLayer's k)
     tent = torch.minimum(torch.arange(k) + 0.5, k - 0.5 - torch.arange(k)).to(tokens.device)
     window = (tent[:, None] * tent[None]).flatten().repeat(c)[:, None]  # fold's layout: [C * k * k, tokens]
     fold = lambda x: F.fold(x, (h, w), kernel_size=k, stride=p, padding=p // 2)
@@ -203,7 +204,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, (patch_size + 2 * (patch_size // 2)) ** 2 * out_channels)  # a k x k patch
+        self.linear = nn.Linear(dim, (patch_size + 2 * (patch_size // 2)) ** 2 * out_channels)  # k x k: 2p (1 if p = 1)
         for param in [*self.adaLN_modulation[-1].parameters(), *self.linear.parameters()]:  # start by predicting v = 0
             nn.init.zeros_(param)
 
@@ -281,10 +282,12 @@ def integrate(velocity, x, num_steps, sampler="euler", trajectory=True):
     return states
 
 def guided_velocity(model, x, t, labels, cfg_scale):
-    """Classifier-free guidance, eq. (5): v = v_uncond + w * (v_cond - v_uncond), both halves in one forward pass."""
+    """Classifier-free guidance, eq. (5): v = v_uncond + w * (v_cond - v_uncond), both halves in one forward pass;
+    at t > 0.8, where x_t is nearly pure noise, w is at most 1: guidance is for the middle of the path (README)."""
     null = torch.full_like(labels, model.num_classes)
     v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
+    w = torch.where(t > 0.8, min(cfg_scale, 1.0), cfg_scale)[:, None, None, None]  # w <= 1 where x_t is near noise
+    return v_uncond + w * (v_cond - v_uncond)
 
 def sample_conditional(model, class_labels, cfg_scale=4.0, num_steps=50, image_shape=(1, 28, 28),
                        device=None, trajectory=False, sampler="euler"):

@@ -261,7 +261,7 @@ def patchify(x, p):
 def overlap_add(tokens, p, c, h, w):
     """[B, (H/p)*(W/p), k*k*C] -> [B, C, H, W]: each token paints a k x k patch (k = 2p) centred on its own p x p one,
     weighted by a tent; where patches overlap, their weighted average: neighbours fade into each other, no seams."""
-    k = p + 2 * (p // 2)  # 2p for an even p; 1 for p = 1, where patches do not overlap
+    k = math.isqrt(tokens.shape[2] // c)  # the side of the patch each token paints (FinalLayer's k)
     tent = torch.minimum(torch.arange(k) + 0.5, k - 0.5 - torch.arange(k)).to(tokens.device)
     window = (tent[:, None] * tent[None]).flatten().repeat(c)[:, None]  # fold's layout: [C * k * k, tokens]
     fold = lambda x: F.fold(x, (h, w), kernel_size=k, stride=p, padding=p // 2)
@@ -358,7 +358,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, (patch_size + 2 * (patch_size // 2)) ** 2 * out_channels)  # a k x k patch
+        self.linear = nn.Linear(dim, (patch_size + 2 * (patch_size // 2)) ** 2 * out_channels)  # k x k: 2p (1 if p = 1)
         for param in [*self.adaLN_modulation[-1].parameters(), *self.linear.parameters()]:  # start by predicting v = 0
             nn.init.zeros_(param)
 
@@ -444,12 +444,13 @@ def integrate(velocity, x, num_steps, sampler="euler", trajectory=True):
     return states
 
 def guided_velocity(model, x, t, text_embeddings, text_mask, null_embedding, null_mask, cfg_scale):
-    """Classifier-free guidance, eq. (5): v = v_uncond + w * (v_cond - v_uncond), both halves in one forward pass:
-    the prompts, and the empty prompt."""
+    """Classifier-free guidance, eq. (5): v = v_uncond + w * (v_cond - v_uncond), both halves in one forward pass
+    (the prompts, and the empty prompt); at t > 0.8, where x_t is nearly pure noise, w is at most 1 (README)."""
     v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]),
                              torch.cat([text_embeddings, null_embedding.expand_as(text_embeddings)]),
                              torch.cat([text_mask, null_mask.expand_as(text_mask)])).float().chunk(2)
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
+    w = torch.where(t > 0.8, min(cfg_scale, 1.0), cfg_scale)[:, None, None, None]  # w <= 1 where x_t is near noise
+    return v_uncond + w * (v_cond - v_uncond)
 
 def sample_text_conditional(model, text_encoder, prompts, image_shape=(3, 32, 32), num_steps=50,
                             cfg_scale=7.5, device=None, trajectory=False, sampler="euler"):
@@ -564,7 +565,6 @@ def save_attention_maps(model, text_encoder, prompt, cfg, out_dir, device):
     """attention.png: an image drawn for the prompt, then for each of its first 16 tokens where the patches looked:
     the cross-attention weights (6), averaged over heads, blocks and steps, each map scaled to its maximum."""
     weights = []
-
     def record(cross_attn, inputs):  # runs before every cross-attention: recompute its weights
         x, context, context_mask = inputs
         weights.append(cross_attn.attention_weights(x[:1], context[:1], context_mask[:1])[0].mean(0))

@@ -239,12 +239,14 @@ def tiny_conditional_dit(m):
 def test_cfg_scale_1_is_the_conditional_and_0_the_unconditional_prediction():
     m = load("03_class_cfg")
     model = tiny_conditional_dit(m)
-    x, t, y = torch.randn(4, 1, 28, 28), torch.rand(4), torch.tensor([7, 0, 3, 9])
+    x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([0.1, 0.5, 0.8, 0.9]), torch.tensor([7, 0, 3, 9])
     v_cond, v_uncond = model(x, t, y), model(x, t, torch.full_like(y, 10))
     assert not torch.allclose(v_cond, v_uncond)
     assert torch.allclose(m.guided_velocity(model, x, t, y, 1.0), v_cond, atol=1e-5)
     assert torch.allclose(m.guided_velocity(model, x, t, y, 0.0), v_uncond, atol=1e-5)
-    assert torch.allclose(m.guided_velocity(model, x, t, y, 3.0), v_uncond + 3 * (v_cond - v_uncond), atol=1e-4)
+    guided = m.guided_velocity(model, x, t, y, 3.0)
+    assert torch.allclose(guided[:3], (v_uncond + 3 * (v_cond - v_uncond))[:3], atol=1e-4)
+    assert torch.allclose(guided[3], v_cond[3], atol=1e-5)  # t > 0.8: near the noise, w is at most 1
     # one Euler step of the sampler from t=1 is x1 - v(x1, 1)
     torch.manual_seed(1)
     noise = torch.randn(4, 1, 28, 28)
@@ -457,7 +459,7 @@ def test_text_model_predicts_an_image_shaped_velocity_starting_at_zero_and_reads
 def test_text_cfg_scale_1_is_the_conditional_and_0_the_unconditional_prediction(data):
     m = load(TEXT)
     model = tiny_text_dit(m)
-    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.8, 0.9])
     text, mask = torch.randn(2, 6, 32), torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
     null, null_mask = torch.randn(6, 32), torch.tensor([True, True, False, False, False, False])
     v_cond = model(x, t, text, mask)
@@ -465,7 +467,8 @@ def test_text_cfg_scale_1_is_the_conditional_and_0_the_unconditional_prediction(
     assert not torch.allclose(v_cond, v_uncond)
     for w in (0.0, 1.0, 7.5):
         guided = m.guided_velocity(model, x, t, text, mask, null, null_mask, w)
-        assert torch.allclose(guided, v_uncond + w * (v_cond - v_uncond), atol=1e-4)
+        assert torch.allclose(guided[0], (v_uncond + w * (v_cond - v_uncond))[0], atol=1e-4)
+        assert torch.allclose(guided[1], (v_uncond + min(w, 1) * (v_cond - v_uncond))[1], atol=1e-4)  # t > 0.8
     # one Euler step of the sampler from t=1 is x1 - v(x1, 1), with the text encoder's embeddings
     encoder = m.CLIPTextEncoder(str(data["clip"]))
     embeddings, masks = m.encode_prompts(encoder, ["a cat", "a big ship"], "cpu")
