@@ -73,8 +73,7 @@ MODEL_FIELDS = ("base_channels", "time_dim")
 def get_device(name="auto"):
     """cuda, then mps, then cpu; --device forces one."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(kind for kind, ok in available.items() if ok)
+    name = next(kind for kind, ok in available.items() if ok) if name == "auto" else name
     if not available.get(name.split(":")[0]):
         raise SystemExit(f"error: --device {name} is not available here: use --device auto, cpu, cuda or mps")
     return torch.device(name)
@@ -364,8 +363,7 @@ def load_checkpoint(path, given, flag="--out_dir"):
         raise SystemExit(f"error: {path} was written by {owner}, not {SCRIPT}: pass another {flag}")
     saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__}
     cfg = Config(**{**saved, **(TINY if given.get("tiny") else {}), **given})
-    differ = [name for name in MODEL_FIELDS if name in saved and getattr(cfg, name) != saved[name]]
-    if differ:
+    if differ := [name for name in MODEL_FIELDS if name in saved and getattr(cfg, name) != saved[name]]:
         flags = lambda values: " ".join(f"--{name} {values[name]}" for name in differ)  # noqa: E731
         raise SystemExit(f"error: {path} holds another model: it was trained with {flags(saved)}, not "
                          f"{flags(vars(cfg))}: drop those flags or use another {flag}")
@@ -438,7 +436,6 @@ def check_finite(what, value, step, ckpt_path, saved_step):
 
 class TrainingLog:
     """A progress line every cfg.log_every seconds; log.csv: step, loss, lr, images/s, the loss in ten bins of t."""
-
     def __init__(self, path, cfg, step, device, model):
         self.cfg, self.first_step, self.last_step, self.start = cfg, step, step, time.time()
         self.file = open(path, "a" if cfg.resume else "w", newline="")
@@ -543,8 +540,7 @@ def save_gif(states, path, ncol, titles):
 
 def plot_loss(out_dir):
     """loss.png from log.csv: the loss by step, and by t over the second half of training (where learning is hard)."""
-    with open(out_dir / "log.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader((out_dir / "log.csv").read_text().splitlines()))
     by_time = [np.mean([float(r[b]) for r in rows[len(rows) // 2:] if r[b]] or [0]) for b in rows[0] if "_t" in b]
     canvas = Image.new("RGB", (760, 260), "white")
     draw = ImageDraw.Draw(canvas)
