@@ -59,7 +59,7 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay; must not be negative
     grad_clip: float = 1.0  # clip the gradient norm to this; must be above 0
     ema: bool = True  # sample with an exponential moving average of the weights
-    ema_decay: float = 0.999  # EMA decay: an average over the last 1 / (1 - decay) steps; must be in [0, 1)
+    ema_window: float = 1 / 9  # the EMA averages over about the last ninth (this share) of the steps; must be above 0
     time_sampling: str = "logit_normal"  # how training picks t; must be logit_normal or uniform
     text_dropout: float = 0.1  # chance that a training caption becomes the empty prompt (for CFG); must be in [0, 1]
     sampler: str = "heun"  # "euler" (4) or "heun" (4b); must be euler or heun
@@ -258,8 +258,8 @@ def patchify(x, p):
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
 
 def overlap_add(tokens, p, c, h, w):
-    """[B, (H/p)*(W/p), k*k*C] -> [B, C, H, W]: each token paints a k x k patch (k = 2p) centred on its own p x p one,
-    weighted by a tent; where patches overlap, their weighted average: neighbours fade into each other, no seams."""
+    """[B, (H/p)*(W/p), k*k*C] -> [B, C, H, W]: each token paints a k x k patch centred on its own p x p one (k = 2p
+    for an even p), weighted by a tent; where patches overlap, their weighted average: neighbours fade, no seams."""
     k = math.isqrt(tokens.shape[2] // c)  # the side of the patch each token paints (FinalLayer's k)
     tent = torch.minimum(torch.arange(k) + 0.5, k - 0.5 - torch.arange(k)).to(tokens.device)
     window = (tent[:, None] * tent[None]).flatten().repeat(c)[:, None]  # fold's layout: [C * k * k, tokens]
@@ -473,10 +473,10 @@ def lr_at(step, cfg):
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 @torch.no_grad()
-def update_ema(ema_model, model, step, decay):
-    """ema <- d * ema + (1 - d) * weights, d = min(decay, (1 + step) / (10 + step)): an average over the last ~step/9
-    steps, up to 1 / (1 - decay). A mean of all steps would keep the first, random weights for thousands of steps."""
-    d = min(decay, (1 + step) / (10 + step))
+def update_ema(ema_model, model, step, window):
+    """ema <- d * ema + (1 - d) * weights, d = (1 + step) / (1 + step + 1 / window): an average over about the latest
+    window * step steps, however long the run (a power-function EMA, Karras et al. 2024); window 0: the weights."""
+    d = (1 + step) / (1 + step + 1 / window) if window else 0.0
     for e, p in zip(ema_model.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
 
@@ -509,7 +509,7 @@ def train(model, ema_model, optimizer, images, labels, text_encoder, cfg, out_di
                 check_finite("loss", loss, step, ckpt_path, saved_step)
                 check_finite("gradient norm", optimizer_step(model, optimizer, loss, cfg.grad_clip), step, ckpt_path,
                              saved_step)
-                update_ema(ema_model, model, step, cfg.ema_decay if cfg.ema else 0.0)
+                update_ema(ema_model, model, step, cfg.ema_window if cfg.ema else 0.0)
                 step += 1
                 log.step(step, loss.item(), lr)
                 if step in preview_at:

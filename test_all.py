@@ -393,13 +393,20 @@ def test_ema_averages_the_weights(name):
     model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     torch.nn.init.zeros_(ema.weight)
     torch.nn.init.ones_(model.weight)
-    m.update_ema(ema, model, step=0, decay=0.999)  # d = 1/10 at the first step: mostly the new weights
-    assert torch.allclose(ema.weight, torch.full((2, 2), 0.9))
+    m.update_ema(ema, model, step=0, window=0.25)  # d = 1 / (1 + 4) at the first step: mostly the new weights
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.8))
     torch.nn.init.zeros_(model.weight)
-    m.update_ema(ema, model, step=8, decay=0.999)  # the warm-up: d = 9/18 = 1/2
-    assert torch.allclose(ema.weight, torch.full((2, 2), 0.45))
-    m.update_ema(ema, model, step=10**6, decay=0.9)  # once the warm-up passes the decay: d = the decay
-    assert torch.allclose(ema.weight, torch.full((2, 2), 0.405))
+    m.update_ema(ema, model, step=3, window=0.25)  # d = 4 / 8: later steps weigh less, each alone
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.4))
+    m.update_ema(ema, model, step=9, window=0.0)  # --no-ema: the weights themselves
+    assert torch.allclose(ema.weight, model.weight)
+    weights = torch.randn(6, 2, 2)
+    with torch.no_grad():
+        ema.weight.copy_(weights[0])  # the EMA starts as a copy of the initial weights
+        for step, w in enumerate(weights[1:]):
+            model.weight.copy_(w)
+            m.update_ema(ema, model, step, window=1.0)  # window 1: the mean of all the weights so far
+    assert torch.allclose(ema.weight, weights.mean(0), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- text conditioning (04)
@@ -898,7 +905,7 @@ def test_every_config_field_is_a_flag(name, capsys):
     (["--steps", "0"], "--steps must be at least 1"),
     (["--ckpt_every", "0", "--grad_clip", "-1"], "--ckpt_every must be at least 1; --grad_clip must be above 0"),
     (["--lr", "nan"], "argument --lr: must be a finite number, not nan"),
-    (["--ema_decay", "inf"], "argument --ema_decay: must be a finite number, not inf"),
+    (["--ema_window", "inf"], "argument --ema_window: must be a finite number, not inf"),
     (["--sampler", "rk4"], "--sampler must be euler or heun"),
     (["--time_sampling", "cubic"], "--time_sampling must be logit_normal or uniform"),
     (["--device", "tpu9"], "--device"),
@@ -936,7 +943,7 @@ def test_the_command_line_says_one_line_and_no_traceback(tmp_path):
     ("02_dit_mnist", ["--patch_size", "5"], "--patch_size must divide 28"),
     ("04_text_clip_cifar", ["--img_size", "30"], "--patch_size must divide --img_size"),
     ("05_latent_vae", ["--vae_downscale", "3"], "--vae_downscale must be 2, 4, 8 or 16"),
-    ("05_latent_vae", ["--img_size", "40", "--vae_downscale", "8"], "--vae_downscale*--patch_size must divide"),
+    ("05_latent_vae", ["--img_size", "40", "--vae_downscale", "8"], "must divide by --vae_downscale * --patch_size"),
     ("01_flow_mnist", ["--base_channels", "12"], "--base_channels must divide by 8"),
 ])
 def test_bad_model_and_guidance_flags_fail_with_one_clear_line_and_create_nothing(name, flags, message, tmp_path,
