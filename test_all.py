@@ -396,7 +396,7 @@ def test_ema_averages_the_weights(name):
     m.update_ema(ema, model, step=0, window=0.25)  # d = 1 / (1 + 4) at the first step: mostly the new weights
     assert torch.allclose(ema.weight, torch.full((2, 2), 0.8))
     torch.nn.init.zeros_(model.weight)
-    m.update_ema(ema, model, step=3, window=0.25)  # d = 4 / 8: later steps weigh less, each alone
+    m.update_ema(ema, model, step=3, window=0.25)  # d = 4 / 8 by step 3: the window grows with the run
     assert torch.allclose(ema.weight, torch.full((2, 2), 0.4))
     m.update_ema(ema, model, step=9, window=0.0)  # --no-ema: the weights themselves
     assert torch.allclose(ema.weight, model.weight)
