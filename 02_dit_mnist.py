@@ -4,13 +4,14 @@ What this step adds
     Only the network changes; flow, loss and samplers are step 1's: x_t = (1 - t) * x0 + t * x1 (1), v = x1 - x0 (2),
     loss || v_theta(x_t, t) - v ||^2 (3), Euler x_{t - dt} = x_t - dt * v_theta (4), Heun (4b).
     The U-Net becomes a DiT (Peebles & Xie, 2023), the architecture of SD3 and Flux:
-      1. patchify: the 28x28 image is cut into 4x4 patches -> 7x7 = 49 tokens of 16 pixels
+      1. patchify: the 28x28 image is cut into 7x7 patches -> 4x4 = 16 tokens of 49 pixels
       2. a linear patch embedding plus a fixed 2D sin-cos position embedding
       3. blocks of attention and an MLP, shifted, scaled and gated by the time embedding (adaLN-Zero: each
          block starts as the identity); the MLP also mixes each token with its 8 neighbours (a 3x3 conv)
-      4. a final adaLN layer: each token paints the velocity of an 8x8 patch centred on its 4x4 one, and where
-         patches overlap they are blended (overlap_add), so no seams can form at the 4x4 borders
-    A small DiT learns shapes slowly: the conv, t nearer the noise and a high lr help it (README).
+      4. a final adaLN layer: each token paints the velocity of a 13x13 patch centred on its 7x7 one, and where
+         patches overlap they are blended (overlap_add), so no seams can form at the 7x7 borders
+    A small DiT learns shapes slowly: few tokens (so many more steps), the conv, t nearer the noise and a high lr
+    help it (README).
 
 Run it (about 15 minutes on a 2-core laptop CPU; outputs in out/02_dit_mnist/, the README shows each)
     python 02_dit_mnist.py                      # full run (downloads MNIST to ./data)
@@ -37,12 +38,12 @@ SCRIPT = Path(__file__).stem  # written into checkpoints, so another script's ar
 class Config:
     data_dir: str = "./data"  # MNIST is downloaded here when missing
     out_dir: str = ""  # where outputs go; empty means out/<script name>
-    patch_size: int = 4  # 28x28 image -> 7x7 = 49 tokens of 4x4 pixels; must be at least 1
+    patch_size: int = 7  # 28x28 image -> 4x4 = 16 tokens of 7x7 pixels (4: 49 tokens, 2.5x slower); must be at least 1
     embed_dim: int = 128  # token width; must be at least 1
     depth: int = 6  # DiT blocks; must be at least 1
     num_heads: int = 4  # attention heads (embed_dim must divide by it); must be at least 1
     mlp_ratio: float = 4.0  # MLP hidden width / embed_dim; must be above 0
-    steps: int = 4400  # optimizer steps; must be at least 1
+    steps: int = 11000  # optimizer steps; must be at least 1
     batch_size: int = 64  # images per step; must be at least 1
     lr: float = 6e-3  # learning rate, after a linear warmup (6x the U-Net's: see the README); must not be negative
     adam_beta2: float = 0.95  # AdamW's second-moment decay (PyTorch's default: 0.999); must be in [0, 1)
