@@ -259,7 +259,7 @@ def patchify(x, p):
 
 def overlap_add(tokens, p, c, h, w):
     """[B, (H/p)*(W/p), k*k*C] -> [B, C, H, W]: each token paints a k x k patch centred on its own p x p one (k = 2p
-    for an even p), weighted by a tent; where patches overlap, their weighted average: neighbours fade, no seams."""
+    for an even p, 13 for p = 7), tent-weighted; where patches overlap, their weighted average: no seams."""
     k = math.isqrt(tokens.shape[2] // c)  # the side of the patch each token paints (FinalLayer's k)
     tent = torch.minimum(torch.arange(k) + 0.5, k - 0.5 - torch.arange(k)).to(tokens.device)
     window = (tent[:, None] * tent[None]).flatten().repeat(c)[:, None]  # fold's layout: [C * k * k, tokens]
@@ -357,7 +357,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, (patch_size + 2 * (patch_size // 2)) ** 2 * out_channels)  # k x k: 2p for even p
+        self.linear = nn.Linear(dim, (patch_size + 2 * (patch_size // 2)) ** 2 * out_channels)  # k x k (p = 7: 13)
         for param in [*self.adaLN_modulation[-1].parameters(), *self.linear.parameters()]:  # start by predicting v = 0
             nn.init.zeros_(param)
 
