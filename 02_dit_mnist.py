@@ -13,7 +13,7 @@ What this step adds
     A small DiT learns shapes slowly: few tokens (so many more steps), the conv, t nearer the noise and a high lr
     help it (README).
 
-Run it (about 15 minutes on a 2-core laptop CPU; outputs in out/02_dit_mnist/, the README shows each)
+Run it (about 30 minutes on a 2-core laptop CPU; outputs in out/02_dit_mnist/, the README shows each)
     python 02_dit_mnist.py                      # full run (downloads MNIST to ./data)
     python 02_dit_mnist.py --tiny               # a few seconds, to see that it works; --help lists every flag
 """
