@@ -14,7 +14,7 @@ What this step adds
     one guided evaluation counts as one NFE (of a batch twice as large). Where x_t is nearly pure noise
     (t > 0.8), w is capped at 1: guidance works in the middle of the path (Kynkäänniemi et al. 2024).
 
-Run it (about 15 minutes on a 2-core laptop CPU; outputs in out/03_class_cfg/, the README shows each)
+Run it (about 30 minutes on a 2-core laptop CPU; outputs in out/03_class_cfg/, the README shows each)
     python 03_class_cfg.py                      # full run (downloads MNIST to ./data)
     python 03_class_cfg.py --tiny               # a few seconds, to see that it works; --help lists every flag
     python 03_class_cfg.py --sample_only --cfg_scale 4   # resample with another guidance scale
@@ -40,7 +40,7 @@ SCRIPT = Path(__file__).stem  # written into checkpoints, so another script's ar
 class Config:
     data_dir: str = "./data"  # MNIST is downloaded here when missing
     out_dir: str = ""  # where outputs go; empty means out/<script name>
-    patch_size: int = 4  # 28x28 image -> 7x7 = 49 tokens of 4x4 pixels; must be at least 1
+    patch_size: int = 4  # 28x28 -> 7x7 = 49 tokens of 4x4 pixels (02: 7; step 4's 32x32 needs 4); must be at least 1
     embed_dim: int = 128  # token width; must be at least 1
     depth: int = 6  # DiT blocks; must be at least 1
     num_heads: int = 4  # attention heads (embed_dim must divide by it); must be at least 1

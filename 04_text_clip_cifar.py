@@ -13,7 +13,7 @@ What this step adds
     CFG (5). A caption that only names the class would teach ten keys and no words, so each image's caption also
     names its colour, read from the image itself: "a photo of a red car".
 
-Run it (about 20 minutes on a 2-core laptop CPU; outputs in out/04_text_clip_cifar/, the README shows each)
+Run it (about 35 minutes on a 2-core laptop CPU; outputs in out/04_text_clip_cifar/, the README shows each)
     python 04_text_clip_cifar.py                      # full run (downloads CIFAR-10, 170 MB, and CLIP, 600 MB)
     python 04_text_clip_cifar.py --tiny               # a few seconds, to see that it works; --help lists every flag
     python 04_text_clip_cifar.py --data_dir my_photos # your own images: my_photos/<class>/*.jpg
