@@ -112,7 +112,6 @@ class TimeEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(freq_dim // 2) / (freq_dim // 2)))
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
     def forward(self, t):
         angles = 1000 * t[:, None] * self.freqs[None]  # scale t so that small steps in t matter
         return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
@@ -125,7 +124,6 @@ class ResBlock(nn.Module):
         self.time_proj = nn.Linear(time_dim, out_ch)
         self.norm2, self.conv2 = nn.GroupNorm(8, out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-
     def forward(self, x, t_emb):
         h = self.conv1(F.silu(self.norm1(x))) + self.time_proj(t_emb)[:, :, None, None]
         return self.conv2(F.silu(self.norm2(h))) + self.skip(x)
@@ -149,7 +147,6 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(8, c1), nn.SiLU(), nn.Conv2d(c1, in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)  # start by predicting v = 0
         nn.init.zeros_(self.out[-1].bias)
-
     def forward(self, x, t):
         t_emb = self.time_embed(t)
         h1 = self.down1(self.stem(x), t_emb)
@@ -243,7 +240,8 @@ def train(model, ema_model, optimizer, images, cfg, out_dir, step, device, parts
             while step < cfg.steps and not stop:
                 rng = rng_states(device)  # the random state at the start of this step, for a checkpoint
                 lr = lr_at(step, cfg)
-                optimizer.param_groups[0].update(lr=lr, weight_decay=cfg.weight_decay)
+                for group in optimizer.param_groups:
+                    group.update(lr=lr, weight_decay=cfg.weight_decay)
                 with autocast(device):
                     loss = get_loss(model, get_batch(images, cfg.batch_size), cfg.time_sampling, log.by_time)
                 check_finite("loss", loss, step, ckpt_path, saved_step)
@@ -252,9 +250,10 @@ def train(model, ema_model, optimizer, images, cfg, out_dir, step, device, parts
                 update_ema(ema_model, model, step, cfg.ema_window if cfg.ema else 0.0)
                 step += 1
                 log.step(step, loss.item(), lr)
-                if step in preview_at:
-                    extras["progress"][step] = preview(lambda: sample(ema_model, 8, cfg.sample_steps,
-                                                                      sampler=cfg.sampler), cfg)
+                if step in preview_at:  # a row of progress.png: the seed's noise, in a forked random stream
+                    with torch.random.fork_rng():
+                        torch.manual_seed(cfg.seed)
+                        extras["progress"][step] = to_uint8(sample(ema_model, 8, cfg.sample_steps, sampler=cfg.sampler))
                 if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
                     save_checkpoint(ckpt_path, cfg, step, parts, rng_states(device), extras)
                     saved_step = step
@@ -288,8 +287,7 @@ def write_outputs(model, cfg, out_dir, device, step):
     return wrote
 
 # ----------------------------------------------------------------------------- plumbing
-# The machinery around the lesson: the command line and its checks, checkpoints, signals, the training log and
-# drawing pictures. A first read can skip it.
+# The machinery around the lesson (command line, checks, checkpoints, signals, log, pictures): skip it at first.
 
 def parse_config(argv=None):
     """Build Config from the command line: one flag per field, so the CLI cannot drift."""
@@ -445,7 +443,6 @@ class TrainingLog:
                                                                         for k in range(10)])
         print(f"training {SCRIPT}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"steps {step}->{cfg.steps}, batch {cfg.batch_size}, on {device}", flush=True)
-
     def step(self, step, loss, lr):
         self.losses.append(loss)
         now, clock = time.time(), lambda seconds: time.strftime("%H:%M:%S", time.gmtime(seconds))
@@ -462,12 +459,6 @@ class TrainingLog:
         self.file.flush()
         self.last, self.last_step, self.losses, self.by_time[:] = now, step, [], []
 
-def preview(draw, cfg):
-    """A row of progress.png: draw() from the seed's noise, leaving training's random stream alone."""
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        return to_uint8(draw())
-
 def save_progress(rows, out_dir):
     """progress.png: the same noise, sampled with the EMA model at 6 steps of training, a row each."""
     images = torch.cat([rows[s] for s in sorted(rows)]).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -475,13 +466,15 @@ def save_progress(rows, out_dir):
                      title="the same noise during training", row_labels=[f"step {s}" for s in sorted(rows)])
 
 def save_trajectory(states, out_dir, cfg, row_labels=None):
-    """trajectory.png (8 samples at 8 times from t=1 to 0) and trajectory.gif (up to 20 frames)."""
+    """trajectory.png (8 samples at 8 times from t=1 to 0) and trajectory.gif (up to 20 frames, the last held 2 s)."""
     keep, animate = (sorted(set(torch.linspace(0, cfg.sample_steps, n).round().long().tolist())) for n in (8, 20))
     t = lambda i: f"{1 - i / cfg.sample_steps:.2f}"  # noqa: E731
+    frames = [grid_image(states[i], 4, f"t = {t(i)}").quantize(128, dither=Image.Dither.NONE) for i in animate]
+    gif = dict(format="GIF", save_all=True, append_images=frames[1:], loop=0, duration=[150] * len(frames[1:]) + [2000])
     return (save_grid(torch.stack([states[i] for i in keep], dim=1).flatten(0, 1), out_dir / "trajectory.png",
                       ncol=len(keep), title="noise (t=1) -> data (t=0)", col_labels=[f"t={t(i)}" for i in keep],
                       row_labels=row_labels)
-            + save_gif([states[i] for i in animate], out_dir / "trajectory.gif", 4, [f"t = {t(i)}" for i in animate]))
+            + write_atomically(out_dir / "trajectory.gif", lambda f: frames[0].save(f, **gif)))
 
 def save_nfe_sweep(draw, out_dir, cfg):
     """nfe_sweep.png: the same noise at most 1, 2, 4, 8, 16 network evaluations and the default's, one block
@@ -514,8 +507,7 @@ def grid_image(images, ncol, title="", col_labels=None, row_labels=None, scale=2
     grid = make_grid((images.float().cpu().clamp(-1, 1) + 1) / 2, nrow=ncol, padding=2, pad_value=1)
     picture = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy())
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    cell_w, cell_h = (images.shape[-1] + 2) * scale, (images.shape[-2] + 2) * scale
-    header = 18 + (16 if col_labels else 0)
+    cell_w, cell_h, header = (images.shape[-1] + 2) * scale, (images.shape[-2] + 2) * scale, 18 + 16 * bool(col_labels)
     margin = int(min(240, max(FONT.getlength(label) for label in row_labels) + 8)) if any(row_labels or []) else 0
     canvas = Image.new("RGB", (int(max(margin + picture.width, min(FONT.getlength(title) + 8, 800))),
                                picture.height + header), "white")
@@ -532,30 +524,22 @@ def save_grid(images, path, ncol, title="", col_labels=None, row_labels=None, sc
     canvas = grid_image(images, ncol, title, col_labels, row_labels, scale)
     return write_atomically(path, lambda f: canvas.save(f, format="PNG"))
 
-def save_gif(states, path, ncol, titles):
-    """An animated GIF, a frame per state [N, C, H, W], the last held for 2 s; 128 colours a frame, undithered."""
-    frames = [grid_image(x, ncol, title).quantize(128, dither=Image.Dither.NONE) for x, title in zip(states, titles)]
-    return write_atomically(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                                                            duration=[150] * (len(frames) - 1) + [2000], loop=0))
-
 def plot_loss(out_dir):
     """loss.png from log.csv: the loss by step, and by t over the second half of training (where learning is hard)."""
     rows = list(csv.DictReader((out_dir / "log.csv").read_text().splitlines()))
     by_time = [np.mean([float(r[b]) for r in rows[len(rows) // 2:] if r[b]] or [0]) for b in rows[0] if "_t" in b]
     canvas = Image.new("RGB", (760, 260), "white")
     draw = ImageDraw.Draw(canvas)
-    charts = ((50, [float(r["loss"]) for r in rows], f"training loss, steps 1 to {rows[-1]['step']}", False),
-              (430, by_time, "loss by t = 0 (data) ... 1 (noise), second half", True))
-    for left, ys, title, bars in charts:
+    charts = ((50, [float(r["loss"]) for r in rows], f"training loss, steps 1 to {rows[-1]['step']}"),
+              (430, by_time, "loss by t = 0 (data) ... 1 (noise), second half"))
+    for left, ys, title in charts:
         right, top, bottom, high = left + 310, 30, 220, max(ys) or 1.0
         draw.rectangle((left, top, right, bottom), outline="black")
         draw.text((left, top - 18), title, fill="black", font=FONT)
         draw.text((left - 46, top - 6), f"{high:.3g}", fill="black", font=FONT)  # the axis starts at 0
-        xy = [(left + (right - left) * (i + bars / 2) / max(len(ys) - 1 + bars, 1), bottom - (bottom - top) * y / high)
+        xy = [(left + (right - left) * i / max(len(ys) - 1, 1), bottom - (bottom - top) * y / high)
               for i, y in enumerate(ys)]
-        for x, y in xy if bars else []:
-            draw.rectangle((x - 12, y, x + 12, bottom), fill="steelblue")
-        draw.line(xy if not bars and len(xy) > 1 else [], fill="steelblue", width=2)
+        draw.line(xy if len(xy) > 1 else [], fill="steelblue", width=2)
     return write_atomically(out_dir / "loss.png", lambda f: canvas.save(f, format="PNG"))
 
 # ----------------------------------------------------------------------------- main

@@ -220,7 +220,6 @@ class TimeEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(freq_dim // 2) / (freq_dim // 2)))
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
     def forward(self, t):
         angles = 1000 * t[:, None] * self.freqs[None]  # scale t so that small steps in t matter
         return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
@@ -229,7 +228,6 @@ class CLIPTextEncoder:
     """A frozen pretrained text encoder: prompts -> an embedding per token and a padding mask. By default CLIP's text
     tower (Radford et al. 2021), trained on 400M image-caption pairs, so its embeddings carry visual meaning; any
     Hugging Face text encoder (a hub id or a local folder: BERT, T5's encoder, ...) works through its last layer."""
-
     def __init__(self, model_name="openai/clip-vit-base-patch32", device=None):
         self.device = torch.device(device or "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_name)
@@ -242,7 +240,6 @@ class CLIPTextEncoder:
         self.embed_dim = self.model.config.hidden_size  # 512 for CLIP ViT-B/32
         positions = getattr(self.model.config, "max_position_embeddings", 77)  # CLIP reads 77 tokens at most
         self.max_length = min(self.tokenizer.model_max_length, positions, 77)
-
     @torch.no_grad()
     def __call__(self, prompts, return_pooled=False):
         """A prompt or B prompts -> token embeddings [B, max_length, embed_dim] and mask [B, max_length] (True: a
@@ -254,7 +251,6 @@ class CLIPTextEncoder:
         mean = (out.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         pooled = out.pooler_output if self.is_clip else mean
         return (out.last_hidden_state, mask, pooled) if return_pooled else (out.last_hidden_state, mask)
-
     def encode(self, prompts, return_pooled=False):
         """Token embeddings [B, max_length, embed_dim], and with return_pooled the pooled vectors [B, embed_dim]."""
         return self(prompts, return_pooled=True)[::2] if return_pooled else self(prompts)[0]
@@ -270,7 +266,6 @@ class ResBlock(nn.Sequential):
     """Two 3x3 convolutions with a skip connection: x + f(x)."""
     def __init__(self, c):
         super().__init__(*[m for _ in range(2) for m in (nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))])
-
     def forward(self, x):
         return x + super().forward(x)
 
@@ -291,11 +286,9 @@ class VAE(nn.Module):
             up += [nn.Upsample(scale_factor=2), nn.Conv2d(2 * c, width, 3, padding=1), ResBlock(width)]
         self.decode = nn.Sequential(*up, nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1))  # z -> image
         self.register_buffer("scale_factor", torch.tensor(1.0))  # set by encode_training_latents
-
     def encode(self, x):
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         return mean, logvar.clamp(-30, 20)
-
     def forward(self, x):
         mean, logvar = self.encode(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # reparameterised: gradients reach the encoder
@@ -332,7 +325,6 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-
     def forward(self, x):
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -345,7 +337,6 @@ class LocalMLP(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.local = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)  # one 3x3 filter per channel
-
     def forward(self, x):
         h = self.fc1(x)
         grid = h.transpose(1, 2).unflatten(2, (math.isqrt(x.shape[1]), -1))  # the tokens on their square grid
@@ -365,7 +356,6 @@ class CrossAttention(nn.Module):
         self.q_proj, self.out_proj = nn.Linear(embed_dim, embed_dim), nn.Linear(embed_dim, embed_dim)
         self.k_proj = nn.Linear(context_dim, embed_dim)  # text width (512 for CLIP) -> patch width
         self.v_proj = nn.Linear(context_dim, embed_dim)
-
     def forward(self, x, context, context_mask=None):
         """x [B, N, embed_dim] patches, context [B, M, context_dim] tokens, context_mask [B, M] (True: real)."""
         q, k, v = (split_heads(proj(y), self.num_heads) for proj, y in
@@ -373,7 +363,6 @@ class CrossAttention(nn.Module):
         mask = None if context_mask is None else context_mask[:, None, None, :]  # the same for every head and patch
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.out_proj(out.transpose(1, 2).flatten(2))
-
     def attention_weights(self, x, context, context_mask=None):
         """forward's softmax(Q K^T / sqrt(d)) [B, heads, N, M], written out: how much patch n looks at token m."""
         q, k = split_heads(self.q_proj(x), self.num_heads), split_heads(self.k_proj(context), self.num_heads)
@@ -394,7 +383,6 @@ class TextConditionedDiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # the "Zero" in adaLN-Zero
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
-
     def forward(self, x, c, context, context_mask=None):
         shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = self.adaLN_modulation(c).chunk(9, dim=-1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
@@ -410,7 +398,6 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, (patch_size + 2 * (patch_size // 2)) ** 2 * out_channels)  # k x k (p = 7: 13)
         for param in [*self.adaLN_modulation[-1].parameters(), *self.linear.parameters()]:  # start by predicting v = 0
             nn.init.zeros_(param)
-
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
@@ -429,7 +416,6 @@ class TextConditionalDiT(nn.Module):
         self.blocks = nn.ModuleList(TextConditionedDiTBlock(embed_dim, num_heads, mlp_ratio, context_dim)
                                     for _ in range(depth))
         self.final_layer = FinalLayer(embed_dim, patch_size, in_channels)
-
     def forward(self, x, t, text_embeddings, text_mask=None):
         if text_embeddings.shape[-1] != self.context_dim:
             raise ValueError(f"the text embeddings are {text_embeddings.shape[-1]}-dimensional but this model reads "
@@ -552,6 +538,29 @@ def update_ema(ema_model, model, step, window):
     for e, p in zip(ema_model.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
 
+def orthogonalise(g, steps=5):
+    """~U V^T for g = U S V^T: quintic Newton-Schulz steps push every singular value of g / |g| towards 1."""
+    x = (g.T if g.shape[0] > g.shape[1] else g) / g.norm().clamp(min=1e-7)  # wide, so x @ x.T is the small product
+    for _ in range(steps):
+        a = x @ x.T
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x  # Jordan et al. 2024: fast; ends in ~[0.7, 1.2]
+    return x.T if g.shape[0] > g.shape[1] else x
+
+class Muon(torch.optim.AdamW):
+    """AdamW, except for the param groups with muon=True: those weight matrices step by their orthogonalised Nesterov
+    momentum (Muon, Jordan et al. 2024), scaled to AdamW's update size at the same lr (Liu et al. 2025)."""
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"] if group.get("muon") else []:
+                self.state[p].setdefault("step", torch.tensor(0.0))  # AdamW's loader expects one in every state
+                momentum = self.state[p].setdefault("momentum", torch.zeros_like(p)).lerp_(p.grad, 1 - 0.95)
+                update = orthogonalise(p.grad.lerp(momentum, 0.95))  # Nesterov: the momentum one step ahead
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay, as in AdamW
+                p.sub_(update, alpha=group["lr"] * 0.2 * max(p.shape) ** 0.5)  # RMS about 0.2, as AdamW's updates
+                p.grad = None  # AdamW's step below skips a parameter without a gradient
+        super().step()
+
 def optimizer_step(model, optimizer, loss, grad_clip):
     """Backpropagate, clip the gradient norm and step, unless that norm is nan or inf; return the norm."""
     optimizer.zero_grad(set_to_none=True)
@@ -617,7 +626,8 @@ def train(model, ema_model, optimizer, latents, labels, text_encoder, vae, cfg, 
             while step < cfg.steps and not stop:
                 rng = rng_states(device)  # the random state at the start of this step, for a checkpoint
                 lr = lr_at(step, cfg)
-                optimizer.param_groups[0].update(lr=lr, weight_decay=cfg.weight_decay)
+                for group in optimizer.param_groups:
+                    group.update(lr=lr, weight_decay=cfg.weight_decay)
                 with autocast(device):
                     idx = torch.randint(len(latents), (cfg.batch_size,), device=latents.device)
                     x0, y = latents[idx], labels[idx]  # latents are scaled already, and include the mirror images
@@ -629,10 +639,12 @@ def train(model, ema_model, optimizer, latents, labels, text_encoder, vae, cfg, 
                 update_ema(ema_model, model, step, cfg.ema_window if cfg.ema else 0.0)
                 step += 1
                 log.step(step, loss.item(), lr)
-                if step in preview_at:
-                    extras["progress"][step] = preview(lambda: sample_latent_conditional(
-                        ema_model, vae, text_encoder, preview_prompts, latent_shape=latent_shape_of(cfg),
-                        cfg_scale=cfg.cfg_scale, num_steps=cfg.sample_steps, device=device, sampler=cfg.sampler), cfg)
+                if step in preview_at:  # a row of progress.png: the seed's noise, in a forked random stream
+                    with torch.random.fork_rng():
+                        torch.manual_seed(cfg.seed)
+                        extras["progress"][step] = to_uint8(sample_latent_conditional(
+                            ema_model, vae, text_encoder, preview_prompts, latent_shape=latent_shape_of(cfg),
+                            cfg_scale=cfg.cfg_scale, num_steps=cfg.sample_steps, device=device, sampler=cfg.sampler))
                 if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
                     save_checkpoint(ckpt_path, cfg, step, parts, rng_states(device), extras)
                     saved_step = step
@@ -648,14 +660,12 @@ def train(model, ema_model, optimizer, latents, labels, text_encoder, vae, cfg, 
 class TextConditionalTrainer:
     """A notebook's interface to this script's loss and optimizer step: train(num_epochs) runs over a DataLoader of
     (images in [-1, 1], labels), captioned by caption_fn(labels); main() does not use it (no EMA, log, checkpoints)."""
-
     def __init__(self, model, text_encoder, dataloader, caption_fn, lr=1e-4, weight_decay=0.01, text_drop_prob=0.1,
                  device=None):
         self.device = torch.device(device or next(model.parameters()).device)
         self.model, self.text_encoder, self.dataloader = model.to(self.device), text_encoder, dataloader
         self.caption_fn, self.text_drop_prob, self.epoch_losses = caption_fn, text_drop_prob, []
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-
     def train(self, num_epochs):
         print(f"Training on {self.device}", flush=True)
         for _ in range(num_epochs):
@@ -670,7 +680,6 @@ class TextConditionalTrainer:
             self.epoch_losses.append(sum(losses) / len(losses))
             print(f"Epoch {len(self.epoch_losses)}: avg_loss = {self.epoch_losses[-1]:.4f}", flush=True)
         return self.epoch_losses[-num_epochs:]
-
     def save_checkpoint(self, path):
         save_checkpoint(Path(path), Config(), len(self.epoch_losses), dict(model=self.model, optimizer=self.optimizer),
                         rng_states(self.device), dict(epoch_losses=self.epoch_losses))
@@ -767,8 +776,7 @@ def save_prompt_grid(images, prompts, path, title, rows=16):
     return write_atomically(path, lambda f: canvas.save(f, format="PNG"))
 
 # ----------------------------------------------------------------------------- plumbing
-# The machinery around the lesson: the command line and its checks, checkpoints, signals, the training log and
-# drawing pictures. A first read can skip it.
+# The machinery around the lesson (command line, checks, checkpoints, signals, log, pictures): skip it at first.
 
 def parse_config(argv=None):
     """Build Config from the command line: one flag per field, so the CLI cannot drift."""
@@ -803,8 +811,8 @@ def config_problems(cfg):
 def model_problems(cfg):
     if cfg.vae_downscale not in (2, 4, 8, 16) or cfg.vae_channels % 8:
         return ["--vae_downscale must be 2, 4, 8 or 16; --vae_channels must divide by 8 (GroupNorm's 8 groups)"]
-    bad = min(cfg.patch_size, cfg.num_heads) >= 1 and (cfg.img_size % (cfg.vae_downscale * cfg.patch_size)
-                                                       or cfg.embed_dim % 4 or cfg.embed_dim % cfg.num_heads)
+    bad = min(cfg.patch_size, cfg.num_heads) > 0 and (cfg.img_size % (cfg.vae_downscale * cfg.patch_size)
+                                                       or cfg.embed_dim % math.lcm(4, cfg.num_heads))
     problems = (["--img_size must divide by --vae_downscale * --patch_size, --embed_dim by 4 and --num_heads"]
                 if bad else [])
     if any(not prompt.strip() for prompt in cfg.prompts):
@@ -933,7 +941,6 @@ class TrainingLog:
                                                                         for k in range(10)])
         print(f"training {SCRIPT}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"steps {step}->{cfg.steps}, batch {cfg.batch_size}, on {device}", flush=True)
-
     def step(self, step, loss, lr):
         self.losses.append(loss)
         now, clock = time.time(), lambda seconds: time.strftime("%H:%M:%S", time.gmtime(seconds))
@@ -950,12 +957,6 @@ class TrainingLog:
         self.file.flush()
         self.last, self.last_step, self.losses, self.by_time[:] = now, step, [], []
 
-def preview(draw, cfg):
-    """A row of progress.png: draw() from the seed's noise, leaving training's random stream alone."""
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        return to_uint8(draw())
-
 def save_progress(rows, out_dir):
     """progress.png: the same noise, sampled with the EMA model at 6 steps of training, a row each."""
     images = torch.cat([rows[s] for s in sorted(rows)]).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -963,13 +964,15 @@ def save_progress(rows, out_dir):
                      title="the same noise during training", row_labels=[f"step {s}" for s in sorted(rows)])
 
 def save_trajectory(states, out_dir, cfg, row_labels=None):
-    """trajectory.png (8 samples at 8 times from t=1 to 0) and trajectory.gif (up to 20 frames)."""
+    """trajectory.png (8 samples at 8 times from t=1 to 0) and trajectory.gif (up to 20 frames, the last held 2 s)."""
     keep, animate = (sorted(set(torch.linspace(0, cfg.sample_steps, n).round().long().tolist())) for n in (8, 20))
     t = lambda i: f"{1 - i / cfg.sample_steps:.2f}"  # noqa: E731
+    frames = [grid_image(states[i], 4, f"t = {t(i)}").quantize(128, dither=Image.Dither.NONE) for i in animate]
+    gif = dict(format="GIF", save_all=True, append_images=frames[1:], loop=0, duration=[150] * len(frames[1:]) + [2000])
     return (save_grid(torch.stack([states[i] for i in keep], dim=1).flatten(0, 1), out_dir / "trajectory.png",
                       ncol=len(keep), title="noise (t=1) -> data (t=0)", col_labels=[f"t={t(i)}" for i in keep],
                       row_labels=row_labels)
-            + save_gif([states[i] for i in animate], out_dir / "trajectory.gif", 4, [f"t = {t(i)}" for i in animate]))
+            + write_atomically(out_dir / "trajectory.gif", lambda f: frames[0].save(f, **gif)))
 
 def save_nfe_sweep(draw, out_dir, cfg):
     """nfe_sweep.png: the same noise at most 1, 2, 4, 8, 16 network evaluations and the default's, one block
@@ -1002,8 +1005,7 @@ def grid_image(images, ncol, title="", col_labels=None, row_labels=None, scale=2
     grid = make_grid((images.float().cpu().clamp(-1, 1) + 1) / 2, nrow=ncol, padding=2, pad_value=1)
     picture = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy())
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    cell_w, cell_h = (images.shape[-1] + 2) * scale, (images.shape[-2] + 2) * scale
-    header = 18 + (16 if col_labels else 0)
+    cell_w, cell_h, header = (images.shape[-1] + 2) * scale, (images.shape[-2] + 2) * scale, 18 + 16 * bool(col_labels)
     margin = int(min(240, max(FONT.getlength(label) for label in row_labels) + 8)) if any(row_labels or []) else 0
     canvas = Image.new("RGB", (int(max(margin + picture.width, min(FONT.getlength(title) + 8, 800))),
                                picture.height + header), "white")
@@ -1020,30 +1022,22 @@ def save_grid(images, path, ncol, title="", col_labels=None, row_labels=None, sc
     canvas = grid_image(images, ncol, title, col_labels, row_labels, scale)
     return write_atomically(path, lambda f: canvas.save(f, format="PNG"))
 
-def save_gif(states, path, ncol, titles):
-    """An animated GIF, a frame per state [N, C, H, W], the last held for 2 s; 128 colours a frame, undithered."""
-    frames = [grid_image(x, ncol, title).quantize(128, dither=Image.Dither.NONE) for x, title in zip(states, titles)]
-    return write_atomically(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                                                            duration=[150] * (len(frames) - 1) + [2000], loop=0))
-
 def plot_loss(out_dir):
     """loss.png from log.csv: the loss by step, and by t over the second half of training (where learning is hard)."""
     rows = list(csv.DictReader((out_dir / "log.csv").read_text().splitlines()))
     by_time = [np.mean([float(r[b]) for r in rows[len(rows) // 2:] if r[b]] or [0]) for b in rows[0] if "_t" in b]
     canvas = Image.new("RGB", (760, 260), "white")
     draw = ImageDraw.Draw(canvas)
-    charts = ((50, [float(r["loss"]) for r in rows], f"training loss, steps 1 to {rows[-1]['step']}", False),
-              (430, by_time, "loss by t = 0 (data) ... 1 (noise), second half", True))
-    for left, ys, title, bars in charts:
+    charts = ((50, [float(r["loss"]) for r in rows], f"training loss, steps 1 to {rows[-1]['step']}"),
+              (430, by_time, "loss by t = 0 (data) ... 1 (noise), second half"))
+    for left, ys, title in charts:
         right, top, bottom, high = left + 310, 30, 220, max(ys) or 1.0
         draw.rectangle((left, top, right, bottom), outline="black")
         draw.text((left, top - 18), title, fill="black", font=FONT)
         draw.text((left - 46, top - 6), f"{high:.3g}", fill="black", font=FONT)  # the axis starts at 0
-        xy = [(left + (right - left) * (i + bars / 2) / max(len(ys) - 1 + bars, 1), bottom - (bottom - top) * y / high)
+        xy = [(left + (right - left) * i / max(len(ys) - 1, 1), bottom - (bottom - top) * y / high)
               for i, y in enumerate(ys)]
-        for x, y in xy if bars else []:
-            draw.rectangle((x - 12, y, x + 12, bottom), fill="steelblue")
-        draw.line(xy if not bars and len(xy) > 1 else [], fill="steelblue", width=2)
+        draw.line(xy if len(xy) > 1 else [], fill="steelblue", width=2)
     return write_atomically(out_dir / "loss.png", lambda f: canvas.save(f, format="PNG"))
 
 # ----------------------------------------------------------------------------- main
@@ -1066,7 +1060,10 @@ def main(argv=None):
                              f"--text_encoder a hub id or a local folder of a Hugging Face text model")
         model = build_model(cfg, text_encoder.embed_dim).to(device)
         ema_model = copy.deepcopy(model).requires_grad_(False)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "blocks" in n and "adaLN" not in n]
+        rest = [p for p in model.parameters() if all(p is not m for m in matrices)]  # AdamW: embeddings, biases, adaLN
+        optimizer = Muon([dict(params=rest), dict(params=matrices, muon=True)], lr=cfg.lr,
+                         weight_decay=cfg.weight_decay)
         vae = VAE(cfg.latent_channels, cfg.vae_channels, cfg.vae_downscale).to(device)
         vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=cfg.vae_weight_decay)
         parts = dict(model=model, ema=ema_model, optimizer=optimizer, vae=vae, vae_optimizer=vae_optimizer)

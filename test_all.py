@@ -409,6 +409,41 @@ def test_ema_averages_the_weights(name):
     assert torch.allclose(ema.weight, weights.mean(0), atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(48, 12), (12, 48), (20, 20)])
+def test_orthogonalise_pushes_every_singular_value_towards_one(shape):
+    m = load("02_dit_mnist")
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape)))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape)))
+    g = u @ torch.diag(torch.logspace(-1, 1, min(shape))) @ v.T  # singular values from 0.1 to 10
+    o = m.orthogonalise(g)
+    assert o.shape == g.shape
+    assert torch.linalg.svdvals(o).min() > 0.6 and torch.linalg.svdvals(o).max() < 1.25  # all near 1
+    assert torch.nn.functional.cosine_similarity((u @ v.T).flatten(), o.flatten(), dim=0) > 0.95  # U V^T's direction
+    assert torch.allclose(m.orthogonalise(1000 * g), o, atol=1e-5)  # the gradient's size does not matter
+
+
+@pytest.mark.parametrize("name", SCRIPTS[1:])
+def test_muon_steps_matrices_by_orthogonalised_momentum_and_the_rest_as_adamw(name):
+    m = load(name)
+    torch.manual_seed(0)
+    layer, twin = torch.nn.Linear(8, 32), torch.nn.Linear(8, 32)
+    twin.load_state_dict(layer.state_dict())
+    muon = m.Muon([dict(params=[layer.bias]), dict(params=[layer.weight], muon=True)], lr=0.01, weight_decay=0.1)
+    adamw = torch.optim.AdamW([twin.bias], lr=0.01, weight_decay=0.1)
+    grad = torch.randn(32, 8)
+    layer.weight.grad, layer.bias.grad, twin.bias.grad = grad.clone(), torch.ones(32), torch.ones(32)
+    before = layer.weight.detach().clone()
+    muon.step()
+    adamw.step()
+    # the first step: momentum 0.05 g, Nesterov 0.0975 g, orthogonalised (its scale does not matter), times
+    # lr * 0.2 * sqrt(32) (Liu et al.'s match to AdamW's update size), after decoupled weight decay
+    expected = before * (1 - 0.01 * 0.1) - 0.01 * 0.2 * 32 ** 0.5 * m.orthogonalise(grad)
+    assert torch.allclose(layer.weight, expected, atol=1e-6)
+    assert torch.allclose(layer.bias, twin.bias)  # the rest: AdamW's own step
+    assert "exp_avg" not in muon.state[layer.weight] and "exp_avg" in muon.state[layer.bias]
+
+
 # ----------------------------------------------------------------------------- text conditioning (04)
 
 TEXT = "04_text_clip_cifar"
@@ -1230,15 +1265,16 @@ def test_help_shows_each_flags_comment(name, capsys):
 SHARED = {  # what a later step copies word for word from the earlier ones
     "get_device": SCRIPTS, "autocast": SCRIPTS, "TimeEmbedding": SCRIPTS,
     "sample_timesteps": SCRIPTS[1:], "integrate": SCRIPTS, "lr_at": SCRIPTS,
-    "update_ema": SCRIPTS, "save_trajectory": SCRIPTS, "save_nfe_sweep": SCRIPTS, "preview": SCRIPTS,
+    "update_ema": SCRIPTS, "save_trajectory": SCRIPTS, "save_nfe_sweep": SCRIPTS,
     "save_progress": SCRIPTS, "parse_config": MNIST_SCRIPTS, "config_problems": SCRIPTS, "finite_float": SCRIPTS,
     "check_out_dir": SCRIPTS, "download": SCRIPTS, "load_checkpoint": SCRIPTS,
     "restore": SCRIPTS, "rng_states": SCRIPTS, "save_checkpoint": SCRIPTS, "write_atomically": SCRIPTS,
     "on_stop_signals": SCRIPTS, "one_line_errors": SCRIPTS, "check_finite": SCRIPTS,
     "TrainingLog": SCRIPTS, "fit": SCRIPTS, "to_uint8": SCRIPTS, "grid_image": SCRIPTS,
-    "save_grid": SCRIPTS, "save_gif": SCRIPTS, "plot_loss": SCRIPTS,
+    "save_grid": SCRIPTS, "plot_loss": SCRIPTS,
     "patchify": SCRIPTS[1:], "overlap_add": SCRIPTS[1:], "sincos_pos_embed_2d": SCRIPTS[1:], "modulate": SCRIPTS[1:],
     "Attention": SCRIPTS[1:], "LocalMLP": SCRIPTS[1:], "FinalLayer": SCRIPTS[1:],
+    "orthogonalise": SCRIPTS[1:], "Muon": SCRIPTS[1:],
     "load_mnist": UNCONDITIONAL, "get_batch": UNCONDITIONAL, "sample": UNCONDITIONAL,
     "CIFAR10_CLASSES": TEXT_SCRIPTS, "make_caption": TEXT_SCRIPTS, "make_cifar10_captions": TEXT_SCRIPTS,
     "open_dataset": TEXT_SCRIPTS, "open_image_folder": TEXT_SCRIPTS, "load_images": TEXT_SCRIPTS,
