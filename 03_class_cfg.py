@@ -317,26 +317,28 @@ def update_ema(ema_model, model, step, window):
         e.lerp_(p, 1 - d)
 
 def orthogonalise(g, steps=5):
-    """~U V^T for g = U S V^T: quintic Newton-Schulz steps push every singular value of g / |g| towards 1."""
-    x = (g.T if g.shape[0] > g.shape[1] else g) / g.norm().clamp(min=1e-7)  # wide, so x @ x.T is the small product
+    """~U V^T for each matrix g = U S V^T in a stack: quintic Newton-Schulz steps push its singular values to 1."""
+    x = (g.mT if (tall := g.shape[-2] > g.shape[-1]) else g) / g.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
     for _ in range(steps):
-        a = x @ x.T
+        a = x @ x.mT  # x is wide, so this is the small product
         x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x  # Jordan et al. 2024: fast; ends in ~[0.7, 1.2]
-    return x.T if g.shape[0] > g.shape[1] else x
+    return x.mT if tall else x
 
 class Muon(torch.optim.AdamW):
-    """AdamW, except for the param groups with muon=True: those weight matrices step by their orthogonalised Nesterov
-    momentum (Muon, Jordan et al. 2024), scaled to AdamW's update size at the same lr (Liu et al. 2025)."""
+    """AdamW, except for groups with muon=True: their matrices step by orthogonalised Nesterov momentum (Muon)."""
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"] if group.get("muon") else []:
-                self.state[p].setdefault("step", torch.tensor(0.0))  # AdamW's loader expects one in every state
-                momentum = self.state[p].setdefault("momentum", torch.zeros_like(p)).lerp_(p.grad, 1 - 0.95)
-                update = orthogonalise(p.grad.lerp(momentum, 0.95))  # Nesterov: the momentum one step ahead
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay, as in AdamW
-                p.sub_(update, alpha=group["lr"] * 0.2 * max(p.shape) ** 0.5)  # RMS about 0.2, as AdamW's updates
-                p.grad = None  # AdamW's step below skips a parameter without a gradient
+            matrices = group["params"] if group.get("muon") else []
+            for shape in {p.shape for p in matrices}:  # one stack per shape: fewer, larger products, faster
+                mats = [p for p in matrices if p.shape == shape]
+                momenta = [self.state[p].setdefault("momentum", torch.zeros_like(p)).lerp_(p.grad, 0.05) for p in mats]
+                nesterov = torch.stack([p.grad.lerp(m, 0.95) for p, m in zip(mats, momenta)])  # Nesterov: a step ahead
+                for p, update in zip(mats, orthogonalise(nesterov)):
+                    self.state[p].setdefault("step", torch.tensor(0.0))  # AdamW's loader expects one in every state
+                    p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay, as in AdamW
+                    p.sub_(update, alpha=group["lr"] * 0.2 * max(p.shape) ** 0.5)  # RMS 0.2 as AdamW's (Liu et al.)
+                    p.grad = None  # AdamW's step below skips a parameter without a gradient
         super().step()
 
 def optimizer_step(model, optimizer, loss, grad_clip):
