@@ -41,7 +41,7 @@ class Config:
     mlp_ratio: float = 4.0  # MLP hidden width / embed_dim; must be above 0
     steps: int = 5900  # optimizer steps; must be at least 1
     batch_size: int = 128  # images per step (Muon costs per step: 64 gives 1.35x fewer images/s); must be at least 1
-    lr: float = 8e-3  # learning rate, after a linear warmup (8x the U-Net's: see the README); must not be negative
+    lr: float = 6e-3  # learning rate, after a linear warmup (6x the U-Net's: see the README); must not be negative
     adam_beta2: float = 0.95  # AdamW's second-moment decay (PyTorch's default: 0.999); must be in [0, 1)
     warmup_steps: int = 100  # linear warmup from 0 to lr, then constant; must not be negative
     weight_decay: float = 0.0  # AdamW weight decay; must not be negative
