@@ -330,7 +330,7 @@ class Muon(torch.optim.AdamW):
     def step(self):
         for group in self.param_groups:
             matrices = group["params"] if group.get("muon") else []
-            for shape in {p.shape for p in matrices}:  # one stack per shape: fewer, larger products, faster
+            for shape in {p.shape for p in matrices}:  # one stack per shape: fewer, larger products; momentum 0.95
                 mats = [p for p in matrices if p.shape == shape]
                 momenta = [self.state[p].setdefault("momentum", torch.zeros_like(p)).lerp_(p.grad, 0.05) for p in mats]
                 nesterov = torch.stack([p.grad.lerp(m, 0.95) for p, m in zip(mats, momenta)])  # Nesterov: a step ahead
