@@ -49,6 +49,7 @@ class Config:
     steps: int = 4000  # optimizer steps (fewer than 02's: CFG sampling costs two passes); must be at least 1
     batch_size: int = 64  # images per step; must be at least 1
     lr: float = 1e-3  # learning rate, after a linear warmup; must not be negative
+    muon_steps: int = 5  # Newton-Schulz steps per Muon update (0: plain AdamW); must not be negative
     warmup_steps: int = 100  # linear warmup from 0 to lr, then constant; must not be negative
     weight_decay: float = 0.0  # AdamW weight decay; must not be negative
     grad_clip: float = 1.0  # clip the gradient norm to this; must be above 0
@@ -325,16 +326,15 @@ def orthogonalise(g, steps=5):
     return x.mT if tall else x
 
 class Muon(torch.optim.AdamW):
-    """AdamW, except for groups with muon=True: their matrices step by orthogonalised Nesterov momentum (Muon)."""
+    """AdamW, except for groups with muon_steps > 0: their matrices step by orthogonalised Nesterov momentum."""
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            matrices = group["params"] if group.get("muon") else []
-            for shape in {p.shape for p in matrices}:  # one stack per shape: fewer, larger products; momentum 0.95
-                mats = [p for p in matrices if p.shape == shape]
+            for shape in {p.shape for p in group["params"] if group.get("muon_steps")}:  # a stack per shape
+                mats = [p for p in group["params"] if p.shape == shape]  # fewer, larger products; momentum 0.95
                 momenta = [self.state[p].setdefault("momentum", torch.zeros_like(p)).lerp_(p.grad, 0.05) for p in mats]
                 nesterov = torch.stack([p.grad.lerp(m, 0.95) for p, m in zip(mats, momenta)])  # Nesterov: a step ahead
-                for p, update in zip(mats, orthogonalise(nesterov)):
+                for p, update in zip(mats, orthogonalise(nesterov, group["muon_steps"])):
                     self.state[p].setdefault("step", torch.tensor(0.0))  # AdamW's loader expects one in every state
                     p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay, as in AdamW
                     p.sub_(update, alpha=group["lr"] * 0.2 * max(p.shape) ** 0.5)  # RMS 0.2 as AdamW's (Liu et al.)
@@ -693,7 +693,7 @@ def main(argv=None):
         ema_model = copy.deepcopy(model).requires_grad_(False)
         matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "blocks" in n and "adaLN" not in n]
         rest = [p for p in model.parameters() if all(p is not m for m in matrices)]  # AdamW: embeddings, biases, adaLN
-        optimizer = Muon([dict(params=rest), dict(params=matrices, muon=True)], lr=cfg.lr,
+        optimizer = Muon([dict(params=rest), dict(params=matrices, muon_steps=cfg.muon_steps)], lr=cfg.lr,
                          weight_decay=cfg.weight_decay)
         parts = dict(model=model, ema=ema_model, optimizer=optimizer)  # what a checkpoint holds
         extras = {"progress": ckpt["progress"] if ckpt else {}}  # beside the parts: progress.png's rows so far

@@ -425,24 +425,27 @@ def test_orthogonalise_pushes_every_singular_value_towards_one(shape):
 
 
 @pytest.mark.parametrize("name", SCRIPTS[1:])
-def test_muon_steps_matrices_by_orthogonalised_momentum_and_the_rest_as_adamw(name):
+@pytest.mark.parametrize("muon_steps", [3, 0])
+def test_muon_steps_matrices_by_orthogonalised_momentum_and_the_rest_as_adamw(name, muon_steps):
     m = load(name)
     torch.manual_seed(0)
     layer, twin = torch.nn.Linear(8, 32), torch.nn.Linear(8, 32)
     twin.load_state_dict(layer.state_dict())
-    muon = m.Muon([dict(params=[layer.bias]), dict(params=[layer.weight], muon=True)], lr=0.01, weight_decay=0.1)
-    adamw = torch.optim.AdamW([twin.bias], lr=0.01, weight_decay=0.1)
+    groups = [dict(params=[layer.bias]), dict(params=[layer.weight], muon_steps=muon_steps)]
+    muon = m.Muon(groups, lr=0.01, weight_decay=0.1)
+    adamw = torch.optim.AdamW(twin.parameters(), lr=0.01, weight_decay=0.1)
     grad = torch.randn(32, 8)
-    layer.weight.grad, layer.bias.grad, twin.bias.grad = grad.clone(), torch.ones(32), torch.ones(32)
+    layer.weight.grad, twin.weight.grad = grad.clone(), grad.clone()
+    layer.bias.grad, twin.bias.grad = torch.ones(32), torch.ones(32)
     before = layer.weight.detach().clone()
     muon.step()
     adamw.step()
     # the first step: momentum 0.05 g, Nesterov 0.0975 g, orthogonalised (its scale does not matter), times
     # lr * 0.2 * sqrt(32) (Liu et al.'s match to AdamW's update size), after decoupled weight decay
-    expected = before * (1 - 0.01 * 0.1) - 0.01 * 0.2 * 32 ** 0.5 * m.orthogonalise(grad)
-    assert torch.allclose(layer.weight, expected, atol=1e-6)
+    expected = before * (1 - 0.01 * 0.1) - 0.01 * 0.2 * 32 ** 0.5 * m.orthogonalise(grad, muon_steps)
+    assert torch.allclose(layer.weight, expected if muon_steps else twin.weight, atol=1e-6)  # 0 steps: AdamW's
     assert torch.allclose(layer.bias, twin.bias)  # the rest: AdamW's own step
-    assert "exp_avg" not in muon.state[layer.weight] and "exp_avg" in muon.state[layer.bias]
+    assert ("exp_avg" in muon.state[layer.weight]) == (muon_steps == 0) and "exp_avg" in muon.state[layer.bias]
 
 
 # ----------------------------------------------------------------------------- text conditioning (04)
