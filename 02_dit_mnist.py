@@ -6,7 +6,7 @@ What this step adds
       1. patchify: 7x7 patches of the 28x28 image -> 4x4 = 16 tokens, linearly embedded, plus 2D sin-cos positions
       2. blocks of attention and an MLP with a 3x3 conv over the tokens, shifted, scaled and gated by t (adaLN-Zero)
       3. a final adaLN layer: each token paints a 13x13 patch around its 7x7 one, blended where they overlap: no seams
-    A small DiT learns slowly, and its paths bend more. What helps (README): Muon, 16 tokens, the conv, 6 Heun steps.
+    A small DiT learns shapes slowly. What helps it (README): Muon, 16 tokens, the conv, a long EMA, 6 Heun steps.
 
 Run it (about 30 minutes on a 2-core laptop CPU; outputs in out/02_dit_mnist/, the README shows each)
     python 02_dit_mnist.py                      # full run (downloads MNIST to ./data)
@@ -51,7 +51,7 @@ class Config:
     time_sampling: str = "logit_normal"  # how training picks t; must be logit_normal or uniform
     time_mean: float = 0.5  # the logit-normal's mean: above 0 trains more near the noise, where shapes are decided
     sampler: str = "heun"  # "euler" (4) or "heun" (4b); must be euler or heun
-    sample_steps: int = 6  # sampler steps from t=1 to 0 (N Heun steps: 2N - 1 NFE); must be at least 1
+    sample_steps: int = 6  # sampler steps from t=1 to 0 (N Heun: 2N - 1 NFE; 6: a DiT's paths bend); must be at least 1
     num_samples: int = 64  # images in samples.png; must be at least 1
     eval_samples: int = 0  # if > 0, also write this many samples to samples.npz; must not be negative
     seed: int = 0  # makes a run repeatable on one device

@@ -58,7 +58,7 @@ class Config:
     time_sampling: str = "logit_normal"  # how training picks t; must be logit_normal or uniform
     label_dropout: float = 0.1  # chance that a training label becomes the null class (for CFG); must be in [0, 1]
     sampler: str = "heun"  # "euler" (4) or "heun" (4b); must be euler or heun
-    sample_steps: int = 4  # sampler steps from t=1 to 0 (N Heun: 2N - 1 NFE; 02's 6 lose accuracy); must be at least 1
+    sample_steps: int = 4  # sampler steps from t=1 to 0 (N Heun: 2N - 1 NFE; 6 are less accurate); must be at least 1
     num_samples: int = 80  # images in samples.png, one row per digit; must be at least 1
     cfg_scale: float = 2.0  # guidance w in eq. (5): 0 unconditional, 1 conditional, >1 guided; must not be negative
     eval_samples: int = 0  # if > 0, also write this many samples to samples.npz; must not be negative

@@ -64,7 +64,7 @@ class Config:
     time_sampling: str = "logit_normal"  # how training picks t; must be logit_normal or uniform
     text_dropout: float = 0.1  # chance that a training caption becomes the empty prompt (for CFG); must be in [0, 1]
     sampler: str = "heun"  # "euler" (4) or "heun" (4b); must be euler or heun
-    sample_steps: int = 4  # sampler steps from t=1 to 0 (N Heun: 2N - 1 NFE; 02's 6 lose accuracy); must be at least 1
+    sample_steps: int = 4  # sampler steps from t=1 to 0 (N Heun: 2N - 1 NFE; 6 are less accurate); must be at least 1
     prompts: tuple = ()  # what samples.png draws, e.g. --prompts "a photo of a cat" "a red car"; () = one per class
     num_samples: int = 80  # images in samples.png, one row per prompt; must be at least 1
     cfg_scale: float = 7.5  # guidance w in eq. (5): 0 unconditional, 1 conditional, >1 guided; must not be negative
