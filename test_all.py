@@ -205,12 +205,13 @@ def test_time_sampling(name):
         assert abs(m.sample_timesteps(20000, "logit_normal", "cpu", 0.5).median() - 0.6225) < 0.01
 
 
-def test_the_dit_trains_at_the_configured_time_mean(data, tmp_path, monkeypatch):
-    m, means = load("02_dit_mnist"), []
+@pytest.mark.parametrize("name", ["02_dit_mnist", "03_class_cfg"])
+def test_the_mnist_dits_train_at_the_configured_time_mean(name, data, tmp_path, monkeypatch):
+    m, means = load(name), []
     sample_timesteps = m.sample_timesteps
     monkeypatch.setattr(m, "sample_timesteps", lambda *args: means.append(args[-1]) or sample_timesteps(*args))
-    run("02_dit_mnist", tmp_path, data, "--steps", "2", "--time_mean", "1.5", pictures=False)
-    assert means == [1.5, 1.5] and m.Config().time_mean == 0.5
+    run(name, tmp_path, data, "--steps", "2", "--time_mean", "1.5", pictures=False)
+    assert means == [1.5, 1.5] and m.Config().time_mean == 0.5  # step 2's recipe carries into step 3
 
 
 @pytest.mark.parametrize("name", MNIST_SCRIPTS)
