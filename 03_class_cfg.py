@@ -46,7 +46,7 @@ class Config:
     num_heads: int = 4  # attention heads (embed_dim must divide by it); must be at least 1
     mlp_ratio: float = 4.0  # MLP hidden width / embed_dim; must be above 0
     num_classes: int = 10  # digits 0-9; the embedding table has one more row, the null class
-    steps: int = 1500  # optimizer steps (02: 5400: the label says which digit to draw); must be at least 1
+    steps: int = 1500  # optimizer steps (02: 5400; a label says which digit to draw); must be at least 1
     batch_size: int = 128  # images per step (Muon costs per step: 64 gives 1.35x fewer images/s); must be at least 1
     lr: float = 8e-3  # learning rate, after a linear warmup (8x the U-Net's: see the README); must not be negative
     adam_beta2: float = 0.95  # AdamW's second-moment decay (PyTorch's default: 0.999); must be in [0, 1)
