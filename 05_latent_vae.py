@@ -60,7 +60,7 @@ class Config:
     vae_ckpt: str = ""  # reuse the VAE of this 05 checkpoint and skip stage 1
     steps: int = 2500  # stage 2: optimizer steps of the flow on latents (02: 5400); must be at least 1
     batch_size: int = 128  # latents per step (Muon costs per step: 64 gives 1.35x fewer images/s); must be at least 1
-    lr: float = 8e-3  # learning rate, after a linear warmup (8x the U-Net's: see the README); must not be negative
+    lr: float = 8e-3  # learning rate, after a linear warmup (02's; 04's 3e-3 is no better here); must not be negative
     adam_beta2: float = 0.95  # AdamW's second-moment decay (PyTorch's default: 0.999); must be in [0, 1)
     muon_steps: int = 3  # Newton-Schulz steps per Muon update (0: plain AdamW); must not be negative
     warmup_steps: int = 100  # linear warmup from 0 to lr, then constant; must not be negative
