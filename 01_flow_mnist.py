@@ -16,7 +16,7 @@ What this step adds
     exactly; the more the learned paths bend, the more steps Euler needs and the more Heun buys back (error
     ~ 1/steps^2 against Euler's 1/steps): 4 Heun steps (7 NFE) draw digits as good as 50 Euler steps.
 
-Run it (about 30 minutes on a 2-core laptop CPU; outputs in out/01_flow_mnist/, the README shows each)
+Run it (about 36 minutes on a 2-core laptop CPU; outputs in out/01_flow_mnist/, the README shows each)
     python 01_flow_mnist.py                     # full run (downloads MNIST to ./data)
     python 01_flow_mnist.py --tiny              # a few seconds, to see that it works; --help lists every flag
 """

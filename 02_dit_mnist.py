@@ -8,7 +8,7 @@ What this step adds
       3. a final adaLN layer: each token paints a 13x13 patch around its 7x7 one, blended where they overlap: no seams
     A small DiT learns shapes slowly. What helps it (README): Muon, 16 tokens, the conv, a long EMA, 6 Heun steps.
 
-Run it (about 30 minutes on a 2-core laptop CPU; outputs in out/02_dit_mnist/, the README shows each)
+Run it (about 33 minutes on a 2-core laptop CPU; outputs in out/02_dit_mnist/, the README shows each)
     python 02_dit_mnist.py                      # full run (downloads MNIST to ./data)
     python 02_dit_mnist.py --tiny               # a few seconds, to see that it works; --help lists every flag
 """

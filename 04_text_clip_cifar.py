@@ -12,7 +12,7 @@ What this step adds
     Text dropout: a caption becomes the empty prompt "" with probability 0.1, the unconditional half of CFG (5).
     A caption naming only the class would teach ten keys and no words, so it also names the image's colour: "a red car".
 
-Run it (about 25 minutes on a 2-core laptop CPU; outputs in out/04_text_clip_cifar/, the README shows each)
+Run it (about 28 minutes on a 2-core laptop CPU; outputs in out/04_text_clip_cifar/, the README shows each)
     python 04_text_clip_cifar.py                      # full run (downloads CIFAR-10, 170 MB, and CLIP, 600 MB)
     python 04_text_clip_cifar.py --tiny               # a few seconds, to see that it works; --help lists every flag
     python 04_text_clip_cifar.py --data_dir my_photos # your own images: my_photos/<class>/*.jpg

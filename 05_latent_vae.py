@@ -10,7 +10,7 @@ What this step adds
     instead of 64, each step several times cheaper. Sampling ends with the VAE's decoder turning latents into pixels.
     --vae_downscale 8 (as in Stable Diffusion) gives 64x64 images the 4x8x8 latents, and cheap DiT, of 32x32 ones.
 
-Run it (about 30 minutes on a 2-core laptop CPU: VAE 6, encoding 3, flow 21; outputs in out/05_latent_vae/)
+Run it (about 33 minutes on a 2-core laptop CPU: VAE 9, flow 19, encoding and pictures 5; outputs in out/05_latent_vae/)
     python 05_latent_vae.py                      # full run (downloads CIFAR-10, 170 MB, and CLIP, 600 MB)
     python 05_latent_vae.py --tiny               # a few seconds, to see that it works; --help lists every flag
     python 05_latent_vae.py --vae_ckpt out/05_latent_vae/ckpt.pt --out_dir out/05b  # reuse a trained VAE
@@ -51,7 +51,7 @@ class Config:
     depth: int = 6  # DiT blocks; must be at least 1
     num_heads: int = 4  # attention heads (embed_dim must divide by it); must be at least 1
     mlp_ratio: float = 4.0  # MLP hidden width / embed_dim; must be above 0
-    vae_steps: int = 750  # stage 1: VAE optimizer steps (1500 give 26.8 dB, not 26.3: not worth it); must be at least 1
+    vae_steps: int = 750  # stage 1: VAE optimizer steps (1500: 26.8 dB, not 26.3, in twice the time); must be at least 1
     vae_batch_size: int = 64  # images per VAE step; must be at least 1
     vae_lr: float = 1e-3  # VAE learning rate (the same warmup as stage 2); must not be negative
     vae_weight_decay: float = 0.01  # AdamW weight decay of the VAE; must not be negative
