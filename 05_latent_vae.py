@@ -51,7 +51,7 @@ class Config:
     depth: int = 6  # DiT blocks; must be at least 1
     num_heads: int = 4  # attention heads (embed_dim must divide by it); must be at least 1
     mlp_ratio: float = 4.0  # MLP hidden width / embed_dim; must be above 0
-    vae_steps: int = 750  # stage 1: VAE optimizer steps (1500: 26.8 dB, not 26.3, in twice the time); must be at least 1
+    vae_steps: int = 750  # stage 1: VAE optimizer steps (1500: 26.8 dB, not 26.3, in 2x the time); must be at least 1
     vae_batch_size: int = 64  # images per VAE step; must be at least 1
     vae_lr: float = 1e-3  # VAE learning rate (the same warmup as stage 2); must not be negative
     vae_weight_decay: float = 0.01  # AdamW weight decay of the VAE; must not be negative
@@ -75,7 +75,7 @@ class Config:
     sample_steps: int = 4  # sampler steps from t=1 to 0 (N Heun steps: 2N - 1 NFE); must be at least 1
     prompts: tuple = ()  # what samples.png draws, e.g. --prompts "a photo of a cat" "a red car"; () = one per class
     num_samples: int = 80  # images in samples.png, one row per prompt; must be at least 1
-    cfg_scale: float = 7.5  # guidance w in eq. (5): 0 unconditional, 1 conditional, >1 guided; must not be negative
+    cfg_scale: float = 12.0  # guidance w in eq. (5): 0 unconditional, 1 conditional, >1 guided; must not be negative
     eval_samples: int = 0  # if > 0, also write this many samples to samples.npz; must not be negative
     seed: int = 0  # makes a run repeatable on one device
     device: str = "auto"  # auto picks cuda, then mps, then cpu
@@ -745,7 +745,7 @@ def write_outputs(model, vae, text_encoder, classes, cfg, out_dir, device, step)
     per_prompt = max(1, cfg.num_samples // len(prompts))
     wrote = save_prompt_grid(draw([p for p in prompts for _ in range(per_prompt)]), prompts, out_dir / "samples.png",
                              title=f"{title}, w={cfg.cfg_scale:g}")
-    scales = [0, 1, 2, 3, 5, 7.5]
+    scales = [0, 1, 2, 4, 8, 12]
     sweep = [draw(prompts, cfg_scale=w) for w in scales]  # the same noise at every scale
     wrote += save_grid(torch.stack(sweep, dim=1).flatten(0, 1), out_dir / "cfg_sweep.png", ncol=len(scales),
                        title="guidance scale w", col_labels=[f"w={w}" for w in scales], row_labels=prompts)
