@@ -68,7 +68,7 @@ class Config:
     sample_steps: int = 4  # sampler steps from t=1 to 0 (N Heun: 2N - 1 NFE; 6 are less accurate); must be at least 1
     prompts: tuple = ()  # what samples.png draws, e.g. --prompts "a photo of a cat" "a red car"; () = one per class
     num_samples: int = 80  # images in samples.png, one row per prompt; must be at least 1
-    cfg_scale: float = 12.0  # guidance w in eq. (5): 0 unconditional, 1 conditional, >1 guided; must not be negative
+    cfg_scale: float = 12.0  # guidance w in eq. (5), 1 = conditional (7.5: fewer show the class); must not be negative
     eval_samples: int = 0  # if > 0, also write this many samples to samples.npz; must not be negative
     seed: int = 0  # makes a run repeatable on one device
     device: str = "auto"  # auto picks cuda, then mps, then cpu
